@@ -1,0 +1,241 @@
+"""SE-ResNets in Flax linen, NHWC, built to match timm's `seresnet*` layer for layer.
+
+One generic `SEResNet` takes the block type, stage sizes and widths as fields, so the five
+published variants and tiny test models share every code path. Submodule names follow timm's
+state-dict names (`conv1`, `bn1`, `layer1_0/conv1`, `.../se/fc1`, `.../downsample_conv`, `fc`),
+which keeps the weight import a renaming, not a translation.
+"""
+
+import functools
+from typing import Any, Callable, ClassVar, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+ModuleDef = Any
+
+# timm initialises every conv with kaiming_normal_(mode="fan_out", nonlinearity="relu").
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def se_reduced_width(channels: int) -> int:
+  """timm's `make_divisible(channels / 16, 8, round_limit=0)`: 64->8, 256->16, 2048->128."""
+  return max(8, int(channels / 16 + 4) // 8 * 8)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm with torch's semantics (eps 1e-5, momentum 0.1, unbiased running variance).
+
+  Variables are named like flax's BatchNorm (params scale/bias, batch_stats mean/var). Statistics
+  are computed in float32 whatever the compute dtype. `frozen` (a traced boolean, one per head
+  under `nn.vmap`) makes a head normalise with its running statistics and leave them unchanged
+  even in training, which is what freezing a pretrained head means.
+  """
+  use_running_average: bool
+  frozen: Optional[jax.Array] = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  scale_init: Callable = nn.initializers.ones
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      x32 = x.astype(jnp.float32)
+      mean = jnp.mean(x32, axes)
+      var = jnp.mean(jnp.square(x32 - mean), axes)
+      n = x.size // c
+      new_mean = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      new_var = self.momentum * ra_var.value + (1 - self.momentum) * var * (n / max(n - 1, 1))
+      if self.frozen is not None:
+        mean = jnp.where(self.frozen, ra_mean.value, mean)
+        var = jnp.where(self.frozen, ra_var.value, var)
+        new_mean = jnp.where(self.frozen, ra_mean.value, new_mean)
+        new_var = jnp.where(self.frozen, ra_var.value, new_var)
+      if not self.is_initializing():
+        ra_mean.value, ra_var.value = new_mean, new_var
+
+    # Fold into one multiply-add in the compute dtype; the per-channel terms stay float32.
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)
+    add = bias - mean * mul
+    return x * mul.astype(self.dtype) + add.astype(self.dtype)
+
+
+class SqueezeExcite(nn.Module):
+  """timm's SEModule: mean -> 1x1 conv (bias) -> ReLU -> 1x1 conv (bias) -> sigmoid -> scale."""
+  reduced: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=conv_init)
+    s = jnp.mean(x, axis=(1, 2))
+    s = nn.relu(dense(self.reduced, name="fc1")(s))
+    s = nn.sigmoid(dense(x.shape[-1], name="fc2")(s))
+    return x * s[:, None, None, :].astype(x.dtype)
+
+
+class _Block(nn.Module):
+  """Shared shortcut / SE / residual logic of timm's BasicBlock and Bottleneck."""
+  features: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+  dtype: Dtype = jnp.float32
+  zero_init_last: bool = True
+  expansion: ClassVar[int] = 1
+
+  def last_norm(self, name):
+    init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+    return self.norm(scale_init=init, name=name)
+
+  def finish(self, x, y):
+    out = self.features * self.expansion
+    y = SqueezeExcite(se_reduced_width(out), dtype=self.dtype, name="se")(y)
+    if self.strides != 1 or x.shape[-1] != out:
+      x = self.conv(out, (1, 1), self.strides, padding=0, name="downsample_conv")(x)
+      x = self.norm(name="downsample_bn")(x)
+    return nn.relu(x + y)
+
+
+class BasicBlock(_Block):
+  expansion: ClassVar[int] = 1
+
+  @nn.compact
+  def __call__(self, x):
+    y = self.conv(self.features, (3, 3), self.strides, padding=1, name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.conv(self.features, (3, 3), 1, padding=1, name="conv2")(y)
+    y = self.last_norm("bn2")(y)
+    return self.finish(x, y)
+
+
+class Bottleneck(_Block):
+  expansion: ClassVar[int] = 4
+
+  @nn.compact
+  def __call__(self, x):
+    y = self.conv(self.features, (1, 1), 1, padding=0, name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.conv(self.features, (3, 3), self.strides, padding=1, name="conv2")(y)
+    y = nn.relu(self.norm(name="bn2")(y))
+    y = self.conv(self.features * 4, (1, 1), 1, padding=0, name="conv3")(y)
+    y = self.last_norm("bn3")(y)
+    return self.finish(x, y)
+
+
+STEMS = ("imagenet", "cifar")
+
+
+class SEResNet(nn.Module):
+  """A timm SE-ResNet. With `num_classes=0` it returns the pre-pool feature map (B, H, W, C).
+
+  `stem="imagenet"` is timm's 7x7/2 conv + 3x3/2 max-pool; `stem="cifar"` is a 3x3/1 conv with
+  no pooling, the usual choice for 32x32 images (the ImageNet stem leaves a 1x1 final map there).
+  `dtype` is the compute dtype; parameters and BatchNorm statistics stay float32.
+  """
+  stage_sizes: Sequence[int]
+  block_cls: ModuleDef
+  widths: Sequence[int] = (64, 128, 256, 512)
+  stem_width: int = 64
+  stem: str = "imagenet"
+  num_classes: int = 1000
+  zero_init_last: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, frozen: Optional[jax.Array] = None):
+    if self.stem not in STEMS:
+      raise ValueError(f"stem={self.stem!r} is not one of {STEMS}")
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init)
+    norm = functools.partial(
+        BatchNorm, use_running_average=not train, frozen=frozen, dtype=self.dtype)
+
+    x = x.astype(self.dtype)
+    if self.stem == "imagenet":
+      x = conv(self.stem_width, (7, 7), 2, padding=3, name="conv1")(x)
+      x = nn.relu(norm(name="bn1")(x))
+      # torch pads max-pool with -inf, as reduce_window's init value does here.
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    else:
+      x = conv(self.stem_width, (3, 3), 1, padding=1, name="conv1")(x)
+      x = nn.relu(norm(name="bn1")(x))
+
+    for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for j in range(blocks):
+        x = self.block_cls(
+            width, 2 if i > 0 and j == 0 else 1, conv, norm, dtype=self.dtype,
+            zero_init_last=self.zero_init_last, name=f"layer{i + 1}_{j}")(x)
+
+    self.sow("intermediates", "features", x)
+    if self.num_classes == 0:
+      return x
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+    return x.astype(jnp.float32)
+
+
+ARCHS = {
+    "seresnet18": dict(block_cls=BasicBlock, stage_sizes=(2, 2, 2, 2)),
+    "seresnet34": dict(block_cls=BasicBlock, stage_sizes=(3, 4, 6, 3)),
+    "seresnet50": dict(block_cls=Bottleneck, stage_sizes=(3, 4, 6, 3)),
+    "seresnet101": dict(block_cls=Bottleneck, stage_sizes=(3, 4, 23, 3)),
+    "seresnet152": dict(block_cls=Bottleneck, stage_sizes=(3, 8, 36, 3)),
+    # Same code paths at a fraction of the size, for tests and smoke runs.
+    "seresnet_tiny": dict(block_cls=BasicBlock, stage_sizes=(1, 1, 1, 1),
+                          widths=(8, 16, 32, 64), stem_width=8),
+    "seresnet_tiny_bottleneck": dict(block_cls=Bottleneck, stage_sizes=(1, 1, 1, 1),
+                                     widths=(8, 16, 32, 64), stem_width=8),
+}
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+BACKBONE_OPTIONS = ("stem", "dtype", "widths", "stage_sizes", "stem_width", "block",
+                    "zero_init_last")
+
+
+def backbone_fields(arch: str, **options) -> dict:
+  """SEResNet fields for a named arch, with `options` (see BACKBONE_OPTIONS) overriding them."""
+  if arch not in ARCHS:
+    raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+  unknown = sorted(set(options) - set(BACKBONE_OPTIONS))
+  if unknown:
+    raise ValueError(f"unknown model option(s) {unknown}; valid: {', '.join(BACKBONE_OPTIONS)}")
+  fields = dict(ARCHS[arch])
+  if "block" in options:
+    block = options.pop("block")
+    if block not in BLOCKS:
+      raise ValueError(f"unknown block {block!r}; valid: {', '.join(BLOCKS)}")
+    fields["block_cls"] = BLOCKS[block]
+  if options.get("dtype") is not None:
+    options["dtype"] = jnp.dtype(options["dtype"])
+  for key in ("widths", "stage_sizes"):
+    if key in options:
+      options[key] = tuple(int(v) for v in options[key])
+  fields.update(options)
+  widths = fields.get("widths", SEResNet.widths)
+  if len(widths) != len(fields["stage_sizes"]):
+    raise ValueError(f"widths {tuple(widths)} and stage_sizes {fields['stage_sizes']} "
+                     "must have the same length")
+  return fields
+
+
+def create_model(arch: str, num_classes: int, **options) -> nn.Module:
+  """A single-head SE-ResNet classifier (global average pool + linear), like timm's.
+
+  Apply as `model.apply(variables, x_nhwc, train=False)` -> logits (B, num_classes).
+  `num_classes=0` gives the feature extractor (pre-pool map).
+  """
+  if num_classes < 0:
+    raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+  return SEResNet(num_classes=num_classes, **backbone_fields(arch, **options))
