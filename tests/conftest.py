@@ -9,3 +9,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # the 2-core CI machine, 14 s for a tiny 3-head model's init); the RngBitGenerator-based key is
 # compiled in a fraction of that. Tests only need determinism, not threefry's bit stream.
 os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
+# Many tests compile the same tiny models; a per-session persistent cache lets identical
+# programs (same HLO) compile once. A fresh directory each session: nothing stale carries over.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="featdiv-jax-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

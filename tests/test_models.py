@@ -253,3 +253,30 @@ def test_freeze_heads_passes_through_when_nothing_is_frozen():
   np.testing.assert_array_equal(out["heads"]["w"][0], 0.0)
   assert np.isnan(out["heads"]["w"][1]).all()
   np.testing.assert_array_equal(out["fc"]["w"], 1.0)
+
+
+@pytest.mark.parametrize("arch,stem,size", [("seresnet_tiny", "imagenet", 45),
+                                            ("seresnet_tiny_bottleneck", "cifar", 16)])
+def test_im2col_convolutions_equal_xla_convolutions(arch, stem, size):
+  x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+  y = np.array([1, 3])
+  xla = create_model(arch, 5, stem=stem, conv_impl="xla")
+  patches = create_model(arch, 5, stem=stem, conv_impl="im2col")
+  variables = jax.jit(xla.init)(jax.random.key(0), x)
+  variables = jax.tree.map(lambda a: a + 0.2, variables)  # non-zero last-BN gammas
+
+  def loss(model, params):
+    logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                            True, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  for a, b in [(jax.jit(xla.apply)(variables, x), jax.jit(patches.apply)(variables, x)),
+               (jax.jit(jax.grad(functools.partial(loss, xla)))(variables["params"]),
+                jax.jit(jax.grad(functools.partial(loss, patches)))(variables["params"]))]:
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=2e-5, rtol=1e-4), a, b)
+
+
+def test_conv_impl_auto_picks_im2col_on_cpu_and_rejects_unknown():
+  assert models.backbone_fields("seresnet18")["conv_impl"] == "im2col"  # tests run on CPU
+  with pytest.raises(ValueError, match="conv_impl='fft'"):
+    abstract_init(create_model("seresnet_tiny", 3, conv_impl="fft"))

@@ -30,9 +30,11 @@ def nchw_to_nhwc(a):
   return np.transpose(a, (0, 2, 3, 1))
 
 
+@pytest.mark.parametrize("conv_impl", ["xla", "im2col"])
 @pytest.mark.parametrize("name", ["tiny_basic", "tiny_bottleneck"])
-def test_imported_model_matches_timm_logits_and_features(name):
+def test_imported_model_matches_timm_logits_and_features(name, conv_impl):
   io, options = fixture(name)
+  options = dict(options, conv_impl=conv_impl)
   variables = load_timm_weights(FIXTURES / f"{name}.safetensors", "seresnet18", **options)
   classifier = create_model("seresnet18", int(io["num_classes"]), **options)
   features_only = create_model("seresnet18", 0, **options)

@@ -72,6 +72,37 @@ class BatchNorm(nn.Module):
     return x * mul.astype(self.dtype) + add.astype(self.dtype)
 
 
+class PatchConv(nn.Module):
+  """nn.Conv's parameters and result, computed as shifted slices + one matmul (im2col).
+
+  Under `nn.vmap` over heads a convolution with a per-head kernel becomes a grouped convolution,
+  which XLA:CPU runs several times slower than K separate ones; this form becomes a batched
+  matmul instead. Symmetric integer padding only (all timm SE-ResNet convs).
+  """
+  features: int
+  kernel_size: Sequence[int]
+  strides: int = 1
+  padding: int = 0
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  kernel_init: Callable = conv_init
+
+  @nn.compact
+  def __call__(self, x):
+    kh, kw = self.kernel_size
+    s, p = int(self.strides), int(self.padding)
+    kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features),
+                        jnp.float32).astype(self.dtype)
+    x = x.astype(self.dtype)
+    if p:
+      x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    ho, wo = (x.shape[1] - kh) // s + 1, (x.shape[2] - kw) // s + 1
+    cols = [x[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :]
+            for i in range(kh) for j in range(kw)]
+    patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+    return patches @ kernel.reshape(-1, self.features)
+
+
 class SqueezeExcite(nn.Module):
   """timm's SEModule: mean -> 1x1 conv (bias) -> ReLU -> 1x1 conv (bias) -> sigmoid -> scale."""
   reduced: int
@@ -136,6 +167,7 @@ class Bottleneck(_Block):
 
 
 STEMS = ("imagenet", "cifar")
+CONV_IMPLS = ("xla", "im2col")  # plus "auto" in create_model: see default_conv_impl
 
 
 class SEResNet(nn.Module):
@@ -153,12 +185,16 @@ class SEResNet(nn.Module):
   num_classes: int = 1000
   zero_init_last: bool = True
   dtype: Dtype = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool = False, frozen: Optional[jax.Array] = None):
     if self.stem not in STEMS:
       raise ValueError(f"stem={self.stem!r} is not one of {STEMS}")
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init)
+    if self.conv_impl not in CONV_IMPLS:
+      raise ValueError(f"conv_impl={self.conv_impl!r} is not one of {CONV_IMPLS}")
+    conv = functools.partial(PatchConv if self.conv_impl == "im2col" else nn.Conv,
+                             use_bias=False, dtype=self.dtype, kernel_init=conv_init)
     norm = functools.partial(
         BatchNorm, use_running_average=not train, frozen=frozen, dtype=self.dtype)
 
@@ -201,7 +237,12 @@ ARCHS = {
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 BACKBONE_OPTIONS = ("stem", "dtype", "widths", "stage_sizes", "stem_width", "block",
-                    "zero_init_last")
+                    "zero_init_last", "conv_impl")
+
+
+def default_conv_impl() -> str:
+  """im2col on CPU, where vmapped (grouped) convolutions are slow; XLA's conv elsewhere."""
+  return "im2col" if jax.default_backend() == "cpu" else "xla"
 
 
 def backbone_fields(arch: str, **options) -> dict:
@@ -217,6 +258,9 @@ def backbone_fields(arch: str, **options) -> dict:
     if block not in BLOCKS:
       raise ValueError(f"unknown block {block!r}; valid: {', '.join(BLOCKS)}")
     fields["block_cls"] = BLOCKS[block]
+  options.setdefault("conv_impl", "auto")
+  if options["conv_impl"] == "auto":
+    options["conv_impl"] = default_conv_impl()
   if options.get("dtype") is not None:
     options["dtype"] = jnp.dtype(options["dtype"])
   for key in ("widths", "stage_sizes"):

@@ -1,0 +1,319 @@
+"""The base config, the `file.py:arg` parser, the three model variants and config validation.
+
+Every `configs/*.py` builds on `default_config()` and finishes with `apply_arg(config, arg)`:
+`configs/caltech101.py:multi_cos,arch=seresnet34,heads=3,smoke` picks a variant, overrides a few
+common fields by short name and shrinks everything for a quick CPU run. Any field can also be set
+with `--config.field=value`.
+"""
+
+import math
+
+import ml_collections
+
+VARIANTS = ("single", "multi", "multi_cos")
+COMPARE = "compare"  # runs every variant in `compare_variants`, one sub-workdir each
+
+# Short names accepted after the colon -> (config field, type).
+ARG_KEYS = {
+    "arch": ("model.arch", str),
+    "heads": ("model.num_heads", int),
+    "fusion": ("model.fusion", str),
+    "classifier": ("model.classifier", str),
+    "stem": ("model.stem", str),
+    "dtype": ("model.dtype", str),
+    "weight": ("penalty.weight", float),
+    "kind": ("penalty.kind", str),
+    "seed": ("seed", int),
+    "epochs": ("num_epochs", float),
+    "steps": ("total_steps", int),
+    "batch": ("batch_size", int),
+    "lr": ("optimizer.learning_rate", float),
+}
+FLAGS_WORDS = ("smoke",)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The paper's README recipe; data set configs override the `dataset` block."""
+  c = ml_collections.ConfigDict()
+  c.variant = "multi_cos"             # single | multi | multi_cos | compare
+  c.compare_variants = VARIANTS       # what `compare` runs, in this order
+  c.seed = 0                          # init, data order, augmentation and dropout
+  c.num_epochs = 30.0                 # training length in epochs of dataset.train_split ...
+  c.total_steps = 0                   # ... unless > 0: training length in steps
+  c.batch_size = 64                   # global batch, split over the `data` mesh axis
+  c.eval_batch_size = 0               # 0: same as batch_size
+  c.eval_every_steps = 0              # 0: once per epoch (and always at the end)
+  c.checkpoint_every_steps = 0        # 0: once per epoch (and always at the end)
+  c.log_every_steps = 50              # train metrics / progress cadence
+  c.keep_checkpoints = 3              # orbax keeps this many most recent steps
+  c.mesh = (-1, 1)                    # (data, heads) device mesh; -1: all remaining devices
+  c.distributed = "auto"              # jax.distributed: auto (SLURM / TPU pod / coordinator env), on, off
+  c.smoke = False                     # set by the `smoke` word: tiny model, data and steps
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "seresnet18"         # seresnet18/34/50/101/152 (seresnet_tiny* for tests)
+  c.model.num_heads = 2               # K heads (1 for the single baseline)
+  c.model.fusion = "concat"           # concat (reference models.py) | sum (its Flowers notebook)
+  c.model.classifier = "flatten_mlp"  # flatten_mlp (the paper's) | pool_linear | pool_mlp
+  c.model.hidden = 512                # width of the MLP classifier
+  c.model.dropout = 0.5               # dropout in the MLP classifier
+  c.model.stem = "imagenet"           # imagenet (timm's 7x7/2 + max-pool) | cifar (3x3/1)
+  c.model.dtype = "float32"           # compute dtype; bfloat16 keeps float32 params
+  c.model.conv_impl = "auto"          # xla (lax conv) | im2col (slices + matmul) | auto (by backend)
+  c.model.init_from = ""              # a timm .safetensors / .npz to load into init_heads
+  c.model.init_heads = (0,)           # heads that receive init_from
+  c.model.frozen_heads = ()           # heads whose params and BN statistics never change
+
+  c.penalty = ml_collections.ConfigDict()
+  c.penalty.weight = 1.0              # loss = cross-entropy + weight * cosine_diversity
+  c.penalty.kind = "cos"              # cos (push apart) | abs | square | align (pull together)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"          # adamw | sgd (weight decay on every parameter, as torch)
+  c.optimizer.learning_rate = 4e-4    # peak learning rate
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.momentum = 0.9          # sgd only
+  c.optimizer.schedule = "cosine"     # cosine (to 0 over training) | constant
+  c.optimizer.warmup_steps = 0        # linear warm-up before the schedule
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "digits"           # digits | cifar10 | caltech101 | oxford_flowers102 | imagefolder
+  c.dataset.data_dir = ""             # TFDS data dir ('' = TFDS default); imagefolder: its root
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "test"
+  c.dataset.download = False          # True: download + prepare with TFDS when missing (network)
+  c.dataset.image_size = 32           # square crop fed to the model
+  c.dataset.resize_size = 0           # resize the shorter side first (0: no resize)
+  c.dataset.pad = 0                   # zero padding before the random train crop
+  c.dataset.flip = False              # random horizontal flips in training
+  c.dataset.mean = (0.5, 0.5, 0.5)    # normalisation, in [0, 1] pixel units
+  c.dataset.std = (0.5, 0.5, 0.5)
+  c.dataset.shuffle_buffer = 10_000
+  return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> None:
+  """Shrinks model, data and steps so a whole run takes seconds on a CPU."""
+  c.smoke = True
+  c.model.arch = "seresnet_tiny"
+  c.model.hidden = 32
+  c.batch_size = 8
+  c.total_steps = 6
+  c.eval_every_steps = 3
+  c.checkpoint_every_steps = 3
+  c.log_every_steps = 2
+  c.dataset.shuffle_buffer = 64
+  if c.dataset.image_size > 32:
+    c.dataset.resize_size, c.dataset.image_size = 40, 32
+
+
+def _field(c, dotted):
+  *parents, leaf = dotted.split(".")
+  for p in parents:
+    c = c[p]
+  return c, leaf
+
+
+def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Parses `variant[,key=value...][,smoke]` into `c` (see ARG_KEYS) and applies the variant."""
+  tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
+  variant = c.variant
+  if tokens and "=" not in tokens[0] and tokens[0] not in FLAGS_WORDS:
+    variant = tokens.pop(0)
+  if variant not in VARIANTS + (COMPARE,):
+    raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS + (COMPARE,))}")
+  for token in tokens:
+    if token in FLAGS_WORDS:
+      smoke(c)
+      continue
+    key, sep, value = token.partition("=")
+    if not sep or key not in ARG_KEYS:
+      raise ValueError(f"unknown config argument {token!r}; valid: a variant "
+                       f"({', '.join(VARIANTS + (COMPARE,))}), 'smoke', or key=value with key "
+                       f"in {', '.join(ARG_KEYS)}")
+    dotted, typ = ARG_KEYS[key]
+    try:
+      parsed = typ(value)
+    except ValueError:
+      raise ValueError(f"config argument {key}={value!r}: expected {typ.__name__}") from None
+    parent, leaf = _field(c, dotted)
+    parent[leaf] = parsed
+  c.variant = variant
+  return c if variant == COMPARE else with_variant(c, variant)
+
+
+def with_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """A copy of `c` set up as one of the paper's three models.
+
+  single: one SE-ResNet with timm's pool + linear head; multi: K heads, no penalty;
+  multi_cos: K heads with the penalty at `penalty.weight`.
+  """
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+  c = ml_collections.ConfigDict(c.to_dict())
+  c.variant = variant
+  if variant == "single":
+    c.model.num_heads = 1
+    c.model.classifier = "pool_linear"
+    c.model.frozen_heads = ()
+    c.penalty.weight = 0.0
+  elif variant == "multi":
+    c.penalty.weight = 0.0
+  return c
+
+
+def model_signature(c) -> dict:
+  """The fields that decide the shapes and meaning of a checkpoint's state."""
+  model = {k: v for k, v in c.model.to_dict().items()
+           if k not in ("init_from", "init_heads", "dtype")}  # only matter at init / speed
+  return {"model": model, "dataset.name": c.dataset.name,
+          "dataset.image_size": c.dataset.image_size, "optimizer.name": c.optimizer.name}
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work, with the field, the value and what would be valid."""
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+CONV_IMPLS = ("auto", "xla", "im2col")
+# Smallest input each stem turns into at least a 1x1 final map by design (total stride).
+MIN_IMAGE_SIZE = {"imagenet": 32, "cifar": 8}
+
+
+def override(c: ml_collections.ConfigDict, dotted: str, value) -> None:
+  """Sets `c.<dotted>` like `--config.<dotted>=value` does, as a ConfigError if it can't."""
+  try:
+    parent, leaf = _field(c, dotted)
+    if leaf not in parent:
+      raise KeyError(leaf)
+    parent[leaf] = value
+  except (KeyError, AttributeError):
+    raise ConfigError(f"unknown config field {dotted!r}") from None
+  except TypeError as e:
+    raise ConfigError(f"{dotted}={value!r}: wrong type ({e})") from None
+
+
+def _check(ok: bool, field: str, value, valid: str) -> None:
+  if not ok:
+    raise ConfigError(f"{field}={value!r} is invalid; valid: {valid}")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _one_of(c, field, options):
+  value = _field(c, field)[0][_field(c, field)[1]]
+  _check(value in options, field, value, ", ".join(map(str, options)))
+
+
+def _int_at_least(c, field, low):
+  value = _field(c, field)[0][_field(c, field)[1]]
+  _check(_is_int(value) and value >= low, field, value, f"an integer >= {low}")
+
+
+def validate(c, num_devices: int | None = None, process_count: int = 1) -> None:
+  """Raises ConfigError for the first field that cannot work; checks every field first."""
+  # Imported here so configs stay importable without jax's device initialisation.
+  from featdiv_jax import losses
+  from featdiv_jax.models import ARCHS, CLASSIFIERS, FUSIONS, STEMS
+  from featdiv_jax.data.errors import DATASETS
+
+  _one_of(c, "variant", VARIANTS + (COMPARE,))
+  for v in c.compare_variants:
+    _check(v in VARIANTS, "compare_variants", tuple(c.compare_variants), ", ".join(VARIANTS))
+  _check(_is_int(c.seed), "seed", c.seed, "an integer")
+  _check(isinstance(c.num_epochs, (int, float)) and c.num_epochs >= 0, "num_epochs",
+         c.num_epochs, "a number >= 0")
+  _int_at_least(c, "total_steps", 0)
+  _check(c.num_epochs > 0 or c.total_steps > 0, "num_epochs", c.num_epochs,
+         "> 0 (or total_steps > 0)")
+  for field in ("eval_batch_size", "eval_every_steps", "checkpoint_every_steps"):
+    _int_at_least(c, field, 0)
+  for field in ("batch_size", "log_every_steps", "keep_checkpoints"):
+    _int_at_least(c, field, 1)
+  _one_of(c, "distributed", ("auto", "on", "off"))
+
+  m = c.model
+  _one_of(c, "model.arch", tuple(ARCHS))
+  _int_at_least(c, "model.num_heads", 1)
+  _one_of(c, "model.fusion", FUSIONS)
+  _one_of(c, "model.classifier", CLASSIFIERS)
+  _one_of(c, "model.stem", STEMS)
+  _one_of(c, "model.dtype", DTYPES)
+  _one_of(c, "model.conv_impl", CONV_IMPLS)
+  _int_at_least(c, "model.hidden", 1)
+  _check(isinstance(m.dropout, (int, float)) and 0 <= m.dropout < 1, "model.dropout",
+         m.dropout, "a number in [0, 1)")
+  for field in ("frozen_heads", "init_heads"):
+    heads = m[field]
+    _check(all(_is_int(k) and 0 <= k < m.num_heads for k in heads), f"model.{field}",
+           tuple(heads), f"head indices in 0..{m.num_heads - 1} (model.num_heads={m.num_heads})")
+  _check(len(m.frozen_heads) < m.num_heads or m.num_heads == 0, "model.frozen_heads",
+         tuple(m.frozen_heads), "fewer frozen heads than model.num_heads (something must train)")
+
+  _one_of(c, "penalty.kind", losses.PENALTY_KINDS)
+  _check(isinstance(c.penalty.weight, (int, float)) and c.penalty.weight >= 0, "penalty.weight",
+         c.penalty.weight, "a number >= 0 (kind='align' pulls heads together)")
+  _check(not (c.penalty.weight > 0 and m.num_heads < 2), "penalty.weight", c.penalty.weight,
+         f"0 with model.num_heads={m.num_heads}: the penalty compares heads and needs "
+         f"num_heads >= 2")
+
+  o = c.optimizer
+  _one_of(c, "optimizer.name", ("adamw", "sgd"))
+  _one_of(c, "optimizer.schedule", ("cosine", "constant"))
+  for field in ("learning_rate", "weight_decay", "momentum"):
+    value = o[field]
+    _check(isinstance(value, (int, float)) and value >= 0 and math.isfinite(value),
+           f"optimizer.{field}", value, "a finite number >= 0")
+  _check(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a number > 0")
+  _int_at_least(c, "optimizer.warmup_steps", 0)
+
+  d = c.dataset
+  _one_of(c, "dataset.name", DATASETS)
+  for field in ("train_split", "eval_split"):
+    _check(isinstance(d[field], str) and d[field], f"dataset.{field}", d[field],
+           "a split name such as 'train' or 'test'")
+  _int_at_least(c, "dataset.image_size", MIN_IMAGE_SIZE[m.stem])
+  _int_at_least(c, "dataset.resize_size", 0)
+  _int_at_least(c, "dataset.pad", 0)
+  _int_at_least(c, "dataset.shuffle_buffer", 1)
+  for field in ("mean", "std"):
+    value = tuple(d[field])
+    _check(len(value) == 3 and all(isinstance(v, (int, float)) for v in value),
+           f"dataset.{field}", value, "three numbers (R, G, B)")
+  _check(all(s > 0 for s in d.std), "dataset.std", tuple(d.std), "three numbers > 0")
+
+  _validate_mesh(c, num_devices, process_count)
+  if m.init_from:
+    _validate_init_from(c)
+
+
+def _validate_mesh(c, num_devices, process_count):
+  from featdiv_jax import sharding
+  mesh = tuple(c.mesh)
+  if num_devices is None:
+    import jax
+    num_devices = jax.device_count()
+  try:
+    data, heads = sharding.resolve_mesh_shape(mesh, num_devices)
+  except sharding.MeshError as e:
+    raise ConfigError(str(e)) from None
+  _check(c.model.num_heads % heads == 0, "mesh", mesh,
+         f"a heads axis that divides model.num_heads={c.model.num_heads}")
+  for field in ("batch_size", "eval_batch_size"):
+    value = c[field] or c.batch_size
+    _check(value % data == 0 and value % process_count == 0, field, value,
+           f"a multiple of the data axis ({data} devices) and of the {process_count} processes")
+
+
+def _validate_init_from(c):
+  import os
+  from featdiv_jax import models
+  path = c.model.init_from
+  _check(os.path.isfile(path), "model.init_from", path, "an existing .safetensors or .npz file")
+  try:
+    models.load_timm_weights(path, c.model.arch, stem=c.model.stem)
+  except (ValueError, OSError) as e:
+    raise ConfigError(f"model.init_from={path!r} does not fit model.arch="
+                      f"{c.model.arch!r}: {e}") from None

@@ -1,0 +1,127 @@
+"""Deterministic, resumable, per-process train and eval batches as NumPy arrays.
+
+Train order: read this process's even share of the split (files shuffled with the seed) ->
+shuffle -> repeat -> enumerate -> skip(start_step * local batch) -> load, decode and augment with
+stateless randomness keyed by (seed, global element index) -> batch (static shape) -> prefetch.
+Everything before the skip is cheap (still-encoded records or file paths), and everything after
+it depends only on the element and its index, so resuming at step k replays the uninterrupted
+stream exactly.
+"""
+
+import dataclasses
+import numbers
+from typing import Callable, Iterator, Optional, Tuple
+
+import tensorflow as tf
+
+from featdiv_jax.data.errors import DatasetError
+from featdiv_jax.data.preprocess import Preprocess, check_int, config_field
+from featdiv_jax.data.sources import open_source
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int
+  train_size: int  # examples in dc.train_split (all processes together)
+  eval_size: int   # examples in dc.eval_split
+
+
+def dataset_info(dc) -> DatasetInfo:
+  """Class count and split sizes; prepares the data set first if it needs to (and may)."""
+  source = open_source(dc)
+  return DatasetInfo(num_classes=int(source.num_classes),
+                     train_size=int(source.split_size(config_field(dc, "train_split"))),
+                     eval_size=int(source.split_size(config_field(dc, "eval_split"))))
+
+
+def _processes(global_batch_size, process_index, process_count) -> Tuple[int, int, int]:
+  """(process_index, process_count, local batch size), checked."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  count = check_int(process_count, "process_count", 1)
+  index = check_int(process_index, "process_index", 0)
+  if index >= count:
+    raise DatasetError(f"process_index must be in [0, {count}), got {index}")
+  batch = check_int(global_batch_size, "global_batch_size", 1)
+  if batch % count:
+    raise DatasetError(f"global_batch_size {batch} is not divisible by process_count {count}; "
+                       f"use a multiple of {count}")
+  return index, count, batch // count
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  return options
+
+
+def train_batches(dc, *, global_batch_size: int, seed: int, start_step: int = 0,
+                  process_index: Optional[int] = None,
+                  process_count: Optional[int] = None) -> Iterator[dict]:
+  """Endless local batches {"image": float32 (B, S, S, 3), "label": int32 (B,)}.
+
+  Deterministic given (dc, seed, process); starting at `start_step` equals the uninterrupted
+  stream with its first `start_step` batches dropped. Every process yields the same number of
+  batches per epoch (the split's remainder over processes is dropped).
+  """
+  index, count, local_batch = _processes(global_batch_size, process_index, process_count)
+  if not isinstance(seed, numbers.Integral) or not -2**63 <= seed < 2**63:
+    raise DatasetError(f"seed must be a 64-bit integer, got {seed!r}")
+  start_step = check_int(start_step, "start_step", 0)
+  prep = Preprocess.from_config(dc)
+  buffer = check_int(config_field(dc, "shuffle_buffer"), "dc.shuffle_buffer", 1)
+  source = open_source(dc)
+  split = config_field(dc, "train_split")
+  local_size = source.shard_sizes(split, count, drop_remainder=True)[index]
+  if local_size == 0:
+    raise DatasetError(f"train split {split!r} of {source.name!r} has "
+                       f"{source.split_size(split)} examples, too few to give each of "
+                       f"{count} processes one")
+
+  ds = source.read(split, index=index, count=count, drop_remainder=True, seed=seed)
+  ds = ds.shuffle(min(buffer, local_size), seed=seed, reshuffle_each_iteration=True)
+  ds = ds.repeat().enumerate().skip(start_step * local_batch)
+  seed_t = tf.constant(seed, tf.int64)
+
+  def example(i, ex):
+    # A global element index, so processes draw different augmentations.
+    key = tf.stack([seed_t, i * count + index])
+    return {"image": prep.train(source.encoded(ex["image"]), key),
+            "label": tf.cast(ex["label"], tf.int32)}
+
+  ds = ds.map(example, num_parallel_calls=AUTOTUNE)
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
+  return ds.with_options(_options()).as_numpy_iterator()
+
+
+def eval_batches(dc, *, global_batch_size: int, process_index: Optional[int] = None,
+                 process_count: Optional[int] = None
+                 ) -> Tuple[int, Callable[[], Iterator[dict]]]:
+  """(num_batches, make_iterator) over dc.eval_split, each example once over all processes.
+
+  Each make_iterator() yields exactly num_batches local batches {"image", "label", "mask"};
+  num_batches is equal on every process, so short shards are padded with mask=False zeros.
+  """
+  index, count, local_batch = _processes(global_batch_size, process_index, process_count)
+  prep = Preprocess.from_config(dc)
+  source = open_source(dc)
+  split = config_field(dc, "eval_split")
+  sizes = source.shard_sizes(split, count, drop_remainder=False)
+  num_batches = -(-max(sizes) // local_batch)
+
+  ds = source.read(split, index=index, count=count, drop_remainder=False, seed=None)
+  ds = ds.map(lambda ex: {"image": prep.eval(source.encoded(ex["image"])),
+                          "label": tf.cast(ex["label"], tf.int32),
+                          "mask": tf.constant(True)},
+              num_parallel_calls=AUTOTUNE)
+  s = prep.image_size
+  filler = tf.data.Dataset.from_tensors({"image": tf.zeros([s, s, 3], tf.float32),
+                                         "label": tf.constant(0, tf.int32),
+                                         "mask": tf.constant(False)})
+  ds = ds.concatenate(filler.repeat(num_batches * local_batch - sizes[index]))
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE).with_options(_options())
+  return num_batches, ds.as_numpy_iterator

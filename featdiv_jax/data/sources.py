@@ -1,0 +1,193 @@
+"""Where examples come from: TFDS builders (the digits one included) and plain image folders.
+
+A source hands the pipeline still-encoded examples `{"image": ref, "label": int64}` for one
+process's share of a split, in a deterministic order (or a seeded shuffled one). `encoded(ref)`
+turns a ref into image bytes; the pipeline calls it after any resume skip, so skipping never
+reads or decodes an image.
+"""
+
+import os
+from typing import List, Optional
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from featdiv_jax.data.digits import SklearnDigits
+from featdiv_jax.data.errors import DATASETS, DatasetError
+
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+
+
+def even_range(total: int, index: int, count: int, drop_remainder: bool):
+  """(start, size) of part `index` of `count`, exactly as `tfds.even_splits` cuts a split."""
+  per, extra = divmod(total, count)
+  if drop_remainder:
+    return per * index, per
+  return per * index + min(index, extra), per + (index < extra)
+
+
+def open_source(dc):
+  """The source a data config names, prepared for reading (or a DatasetError saying why not)."""
+  name = getattr(dc, "name", None)
+  if name not in DATASETS:
+    raise DatasetError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+  data_dir = getattr(dc, "data_dir", None) or None
+  if name == "imagefolder":
+    return ImageFolderSource(data_dir)
+  if name == "digits":
+    builder = SklearnDigits(data_dir=data_dir)
+    if not builder.is_prepared():
+      # Nothing to download (the data ships with scikit-learn); skip TFDS's GCS lookup, which
+      # would need the network.
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  else:
+    builder = tfds.builder(name, data_dir=data_dir)
+    _prepare(builder, name, bool(getattr(dc, "download", False)))
+  return TfdsSource(builder)
+
+
+def _tfds_mocked() -> bool:
+  # Under tfds.testing.mock_data nothing is ever prepared and download_and_prepare is a no-op.
+  fn = tfds.core.DatasetBuilder.download_and_prepare
+  return getattr(fn, "__qualname__", "").startswith("mock_data.")
+
+
+def _prepare(builder, name: str, download: bool):
+  if builder.is_prepared() or _tfds_mocked():
+    return
+  root = os.fspath(builder.data_dir_root)
+  how = (f"On a machine with network access run `tfds build {name} --data_dir=DIR`, then copy "
+         f"DIR/{name} to {os.path.join(root, name)}")
+  if not download:
+    raise DatasetError(f"dataset {name!r} is not prepared in data dir {root!r} and dataset.download "
+                       f"is False. {how}, or pass --config.dataset.download=True to download it here.")
+  try:
+    builder.download_and_prepare()
+  except (OSError, tfds.download.DownloadError, ImportError) as e:  # requests errors are OSErrors
+    raise DatasetError(f"could not download and prepare {name!r} into data dir {root!r}: "
+                       f"{type(e).__name__}: {e}. {how}.") from e
+
+
+class TfdsSource:
+  """A TFDS builder read with `SkipDecoding`, so refs are the stored image bytes."""
+
+  def __init__(self, builder):
+    self._builder = builder
+    self.name = builder.name
+    self.num_classes = builder.info.features["label"].num_classes
+    # Empty under tfds.testing.mock_data: sizes then come from what the reader yields, and
+    # sharding is done here, because the mock ignores sub-splits (every one holds everything).
+    self._known = bool(builder.info.splits)
+
+  def split_size(self, split: str) -> int:
+    if self._known:
+      return self._split_info(split).num_examples
+    n = int(self._dataset(split, None).cardinality())
+    if n < 0:  # unknown cardinality: count (only reached under mocks, which are small)
+      n = int(self._dataset(split, None).reduce(0, lambda c, _: c + 1))
+    return n
+
+  def shard_sizes(self, split: str, count: int, drop_remainder: bool) -> List[int]:
+    if self._known:
+      self._split_info(split)  # validates the name first
+      return [self._builder.info.splits[s].num_examples
+              for s in tfds.even_splits(split, n=count, drop_remainder=drop_remainder)]
+    total = self.split_size(split)
+    return [even_range(total, i, count, drop_remainder)[1] for i in range(count)]
+
+  def read(self, split: str, *, index: int, count: int, drop_remainder: bool,
+           seed: Optional[int]) -> tf.data.Dataset:
+    """This process's part of `split`; `seed` shuffles the files, None keeps the stored order."""
+    if self._known:
+      part = tfds.even_splits(split, n=count, drop_remainder=drop_remainder)[index]
+      ds = self._dataset(part, seed)
+    else:
+      start, size = even_range(self.split_size(split), index, count, drop_remainder)
+      ds = self._dataset(split, seed).skip(start).take(size)
+    return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+
+  def encoded(self, ref: tf.Tensor) -> tf.Tensor:
+    return ref
+
+  def _split_info(self, split: str):
+    try:
+      return self._builder.info.splits[split]
+    except (KeyError, ValueError, TypeError):
+      raise DatasetError(
+          f"unknown split {split!r} for dataset {self.name!r}; available splits: "
+          f"{', '.join(self._builder.info.splits)} (sub-splits like 'train[:90%]' also work)"
+      ) from None
+
+  def _dataset(self, split, seed: Optional[int]) -> tf.data.Dataset:
+    return self._builder.as_dataset(
+        split=split, shuffle_files=seed is not None,
+        decoders={"image": tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(shuffle_seed=seed))
+
+
+class ImageFolderSource:
+  """root/<split>/<class>/<image>: classes are the sorted class-folder names of all splits.
+
+  Not `tfds.ImageFolder`: that one shuffles files without a seed, has no sub-splits, and
+  decodes to a fixed channel count; here refs are file paths, read after any resume skip.
+  """
+
+  def __init__(self, root: Optional[str]):
+    if not root:
+      raise DatasetError("dataset 'imagefolder' needs dc.data_dir: a folder holding one "
+                         "sub-folder per split, each with one sub-folder per class")
+    if not tf.io.gfile.isdir(root):
+      raise DatasetError(f"image folder root {root!r} does not exist (expected "
+                         f"{os.path.join(root, '<split>', '<class>', '<image>')})")
+    self.name = "imagefolder"
+    self._root = root
+    self.splits = _subfolders(root)
+    self.classes = sorted({c for s in self.splits for c in _subfolders(os.path.join(root, s))})
+    self.num_classes = len(self.classes)
+    self._files = {}
+
+  def split_size(self, split: str) -> int:
+    return len(self._list(split)[0])
+
+  def shard_sizes(self, split: str, count: int, drop_remainder: bool) -> List[int]:
+    total = self.split_size(split)
+    return [even_range(total, i, count, drop_remainder)[1] for i in range(count)]
+
+  def read(self, split: str, *, index: int, count: int, drop_remainder: bool,
+           seed: Optional[int]) -> tf.data.Dataset:
+    paths, labels = self._list(split)
+    start, size = even_range(len(paths), index, count, drop_remainder)
+    ds = tf.data.Dataset.from_tensor_slices({
+        "image": tf.constant(paths[start:start + size], tf.string),
+        "label": tf.constant(labels[start:start + size], tf.int64)})
+    if seed is not None:
+      # Files are listed class by class; only a full shuffle of the (cheap) paths mixes them
+      # whatever the pipeline's shuffle buffer.
+      ds = ds.shuffle(max(size, 1), seed=seed, reshuffle_each_iteration=True)
+    return ds
+
+  def encoded(self, ref: tf.Tensor) -> tf.Tensor:
+    return tf.io.read_file(ref)
+
+  def _list(self, split: str):
+    if split not in self._files:
+      folder = os.path.join(self._root, str(split))
+      if split not in self.splits:
+        raise DatasetError(f"split {split!r} not found: no folder {folder!r}; splits found in "
+                           f"{self._root!r}: {', '.join(self.splits) or 'none'}")
+      paths, labels = [], []
+      for label, name in enumerate(self.classes):
+        class_dir = os.path.join(folder, name)
+        if tf.io.gfile.isdir(class_dir):
+          files = sorted(f for f in tf.io.gfile.listdir(class_dir)
+                         if f.lower().endswith(IMAGE_EXTENSIONS))
+          paths += [os.path.join(class_dir, f) for f in files]
+          labels += [label] * len(files)
+      self._files[split] = (paths, labels)
+    return self._files[split]
+
+
+def _subfolders(path: str) -> List[str]:
+  return sorted(f.rstrip("/") for f in tf.io.gfile.listdir(path)
+                if tf.io.gfile.isdir(os.path.join(path, f)))

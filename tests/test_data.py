@@ -1,0 +1,331 @@
+"""The input pipelines: digits offline, determinism and resume, per-process sharding, mocked TFDS
+data sets, preprocessing, image folders and the errors users see. No network, no downloads."""
+
+import collections
+import os
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+import requests
+from sklearn.datasets import load_digits
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from featdiv_jax import data
+from featdiv_jax.data import digits as digits_lib
+from featdiv_jax.data.preprocess import Preprocess, at_least, resize_shorter_side
+
+
+def make_config(**overrides):
+  fields = dict(name="digits", data_dir=None, train_split="train", eval_split="test",
+                download=False, image_size=32, resize_size=32, pad=4, flip=True,
+                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), shuffle_buffer=2000)
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def dc(digits_dir):
+  return make_config(data_dir=digits_dir)
+
+
+@pytest.fixture(scope="module")
+def raw_dc(digits_dir):
+  """Digits as stored: 8x8, no augmentation, pixel/255 (so examples can be identified)."""
+  return make_config(data_dir=digits_dir, image_size=8, resize_size=0, pad=0, flip=False,
+                     mean=(0, 0, 0), std=(1, 1, 1))
+
+
+def ids(batches):
+  """Multiset of (label, image bytes) of the real (mask=True) examples."""
+  out = collections.Counter()
+  for b in batches:
+    mask = b.get("mask", np.ones(len(b["label"]), bool))
+    out.update((int(l), np.round(im * 255).astype(np.uint8).tobytes())
+               for im, l in zip(b["image"][mask], b["label"][mask]))
+  return out
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_tensorflow_sees_no_gpu():
+  assert tf.config.get_visible_devices("GPU") == []
+
+
+# --- digits -------------------------------------------------------------------------------
+
+
+def test_digits_prepares_offline_with_split_sizes(dc, digits_dir):
+  start = time.time()
+  info = data.dataset_info(dc)
+  assert info == data.DatasetInfo(num_classes=10, train_size=1437, eval_size=360)
+  assert os.path.isdir(os.path.join(digits_dir, "sklearn_digits", "1.0.0"))
+  assert time.time() - start < 30
+
+
+def test_digits_eval_holds_sklearns_test_images(raw_dc):
+  n, make = data.eval_batches(raw_dc, global_batch_size=100, process_index=0, process_count=1)
+  batches = list(make())
+  assert n == len(batches) == 4
+  digits = load_digits()
+  pixels = digits_lib.to_uint8(digits.images)
+  rgb = np.repeat(pixels[..., None], 3, axis=-1)  # grayscale replicated to 3 channels
+  test = digits_lib.split_indices()["test"]
+  expected = collections.Counter((int(digits.target[i]), rgb[i].tobytes()) for i in test)
+  assert ids(batches) == expected
+
+
+def test_digits_train_batches_are_normalised_real_images(dc):
+  batch = next(data.train_batches(dc, global_batch_size=64, seed=0))  # jax's one process
+  assert batch["image"].shape == (64, 32, 32, 3) and batch["image"].dtype == np.float32
+  assert batch["label"].shape == (64,) and batch["label"].dtype == np.int32
+  assert batch["label"].min() >= 0 and batch["label"].max() < 10
+  assert len(np.unique(batch["label"])) > 3
+  # mean 0.5, std 0.5: black -> -1, white -> +1; every image has ink and background.
+  assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+  per_image_std = batch["image"].reshape(64, -1).std(axis=1)
+  assert (per_image_std > 0.1).all()
+
+
+# --- determinism and resume ---------------------------------------------------------------
+
+
+def test_same_seed_same_stream_other_seed_differs(dc):
+  a = take(data.train_batches(dc, global_batch_size=64, seed=3, process_count=1,
+                              process_index=0), 2)
+  b = take(data.train_batches(dc, global_batch_size=64, seed=3, process_count=1,
+                              process_index=0), 2)
+  c = next(data.train_batches(dc, global_batch_size=64, seed=4, process_count=1,
+                              process_index=0))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+  assert not np.array_equal(a[0]["image"], c["image"])
+
+
+def test_resume_equals_uninterrupted_stream(dc):
+  # 1,437 / 64 is 22.5 steps per epoch: step 30 lies in the second epoch.
+  stream = take(data.train_batches(dc, global_batch_size=64, seed=7, process_count=1,
+                                   process_index=0), 31)
+  for k in (1, 22, 30):
+    resumed = next(data.train_batches(dc, global_batch_size=64, seed=7, start_step=k,
+                                      process_count=1, process_index=0))
+    np.testing.assert_array_equal(resumed["image"], stream[k]["image"])
+    np.testing.assert_array_equal(resumed["label"], stream[k]["label"])
+
+
+# --- processes ----------------------------------------------------------------------------
+
+
+def test_two_processes_get_disjoint_halves(raw_dc):
+  # 718 examples per process: 22 local batches of 32 stay inside the first epoch.
+  streams = [take(data.train_batches(raw_dc, global_batch_size=64, seed=0, process_index=p,
+                                     process_count=2), 22) for p in (0, 1)]
+  assert streams[0][0]["image"].shape == (32, 8, 8, 3)
+  seen = [ids(s) for s in streams]
+  assert all(max(s.values()) == 1 and sum(s.values()) == 704 for s in seen)  # no repeats
+  assert not set(seen[0]) & set(seen[1])
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_eval_covers_every_example_once(raw_dc, count):
+  gbs = 24 * count
+  results = [data.eval_batches(raw_dc, global_batch_size=gbs, process_index=p,
+                               process_count=count) for p in range(count)]
+  assert len({n for n, _ in results}) == 1
+  first, again = list(results[-1][1]()), list(results[-1][1]())
+  for a, b in zip(first, again):  # the order is deterministic
+    np.testing.assert_array_equal(a["image"], b["image"])
+  covered = collections.Counter()
+  for n, make in results:
+    batches = list(make())
+    assert len(batches) == n
+    for b in batches:
+      assert b["image"].shape == (24, 8, 8, 3) and b["mask"].shape == (24,)
+      assert b["mask"].dtype == np.bool_
+      assert not b["image"][~b["mask"]].any()  # padding is zeros
+    covered += ids(batches)
+  assert sum(covered.values()) == 360 and max(covered.values()) == 1
+
+
+# --- TFDS data sets under tfds.testing.mock_data -------------------------------------------
+
+
+@pytest.mark.parametrize("name,resize,split", [("cifar10", 0, "test"),
+                                               ("caltech101", 40, "test"),
+                                               ("oxford_flowers102", 40, "validation")])
+def test_mocked_tfds_datasets(name, resize, split):
+  cfg = make_config(name=name, resize_size=resize, eval_split=split, shuffle_buffer=16)
+  with tfds.testing.mock_data(num_examples=10):
+    info = data.dataset_info(cfg)
+    assert info.train_size == info.eval_size == 10
+    assert info.num_classes == (10 if name == "cifar10" else 102)
+    batches = take(data.train_batches(cfg, global_batch_size=4, seed=0, process_index=0,
+                                      process_count=1), 4)  # wraps past the 10 examples
+    for b in batches:
+      assert b["image"].shape == (4, 32, 32, 3) and b["label"].max() < info.num_classes
+    for count in (1, 3):  # 3 parts of 10 examples: 4, 3, 3
+      covered = collections.Counter()
+      for p in range(count):
+        n, make = data.eval_batches(cfg, global_batch_size=4 * count, process_index=p,
+                                    process_count=count)
+        got = list(make())
+        assert len(got) == n == (3 if count == 1 else 1)
+        covered += ids(got)
+      assert sum(covered.values()) == 10 and max(covered.values()) == 1
+
+
+# --- preprocessing ------------------------------------------------------------------------
+
+
+def png(array):
+  return tf.io.encode_png(tf.constant(array, tf.uint8))
+
+
+def test_pad_and_crop_keep_size_and_shift_the_image():
+  image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+  prep = Preprocess(image_size=32, pad=4)
+  padded = np.pad(image, ((4, 4), (4, 4), (0, 0))).astype(np.float32) / 255
+  offsets = set()
+  for s in range(12):
+    out = prep.train(png(image), tf.constant([0, s], tf.int64)).numpy()
+    assert out.shape == (32, 32, 3)
+    hits = [(y, x) for y in range(9) for x in range(9)
+            if np.allclose(out, padded[y:y + 32, x:x + 32])]
+    assert len(hits) == 1
+    offsets.add(hits[0])
+  assert len(offsets) > 3  # the crop position is random
+
+
+def test_flip_mirrors_some_examples_and_only_that():
+  image = np.random.default_rng(1).integers(0, 256, (16, 16, 3), np.uint8)
+  plain, flipping = Preprocess(image_size=12), Preprocess(image_size=12, flip=True)
+  flipped = 0
+  for s in range(16):
+    key = tf.constant([5, s], tf.int64)
+    a, b = plain.train(png(image), key).numpy(), flipping.train(png(image), key).numpy()
+    if not np.array_equal(a, b):
+      np.testing.assert_array_equal(b, a[:, ::-1])
+      flipped += 1
+  assert 0 < flipped < 16
+
+
+def test_eval_center_crop_and_normalisation():
+  image = np.random.default_rng(2).integers(0, 256, (10, 13, 3), np.uint8)
+  prep = Preprocess(image_size=8, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0))
+  out = prep.eval(png(image)).numpy()
+  np.testing.assert_array_equal(out, prep.eval(png(image)).numpy())
+  want = (image[1:9, 2:10] / 255 - np.array([0.1, 0.2, 0.3])) / np.array([0.5, 0.25, 2.0])
+  np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+def test_resize_shorter_side_and_upscale_to_fit():
+  shape = lambda x: tuple(x.shape.as_list())
+  assert shape(resize_shorter_side(tf.zeros([8, 8, 3]), 32)) == (32, 32, 3)
+  assert shape(resize_shorter_side(tf.zeros([300, 200, 3]), 256)) == (384, 256, 3)
+  assert shape(resize_shorter_side(tf.zeros([200, 333, 3]), 256)) == (256, 426, 3)
+  assert shape(at_least(tf.zeros([5, 7, 3]), 8)) == (8, 12, 3)
+  assert shape(at_least(tf.zeros([9, 7, 3]), 4)) == (9, 7, 3)
+  # Smaller than the crop even after resizing: upscaled, not a crash.
+  prep = Preprocess(image_size=16, resize_size=10, pad=1)
+  assert prep.train(png(np.zeros((6, 9, 3))), tf.constant([0, 0], tf.int64)).shape == (16, 16, 3)
+  assert prep.eval(png(np.zeros((6, 9, 3)))).shape == (16, 16, 3)
+
+
+# --- image folders ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp("images")
+  write = lambda path, array: tf.io.write_file(str(path), png(array))
+  colour = lambda c, shape, ch=3: np.broadcast_to(np.array(c, np.uint8)[:ch], shape + (ch,))
+  for split, n in (("train", 3), ("val", 2)):
+    for cls, rgb in (("b_blue", (0, 0, 200, 255)), ("a_red", (200, 0, 0, 255))):
+      os.makedirs(root / split / cls)
+      for i in range(n):
+        write(root / split / cls / f"{i}.png", colour(rgb, (9 + i, 11)))
+  # A grayscale and an RGBA file, and a non-image that must be ignored.
+  write(root / "train" / "a_red" / "gray.png", np.full((10, 10, 1), 77, np.uint8))
+  write(root / "train" / "b_blue" / "rgba.png", colour((0, 0, 200, 10), (12, 10), 4))
+  (root / "train" / "a_red" / "notes.txt").write_text("not an image")
+  return str(root)
+
+
+def test_imagefolder_reads_grayscale_rgba_and_sorts_classes(folder):
+  cfg = make_config(name="imagefolder", data_dir=folder, eval_split="val", image_size=8,
+                    resize_size=0, pad=0, flip=False, mean=(0, 0, 0), std=(1, 1, 1))
+  assert data.dataset_info(cfg) == data.DatasetInfo(num_classes=2, train_size=8, eval_size=4)
+  n, make = data.eval_batches(cfg, global_batch_size=4, process_index=0, process_count=1)
+  (batch,) = list(make())
+  assert n == 1 and batch["mask"].all()
+  red = batch["image"][..., 0].mean(axis=(1, 2)) > 0.5
+  np.testing.assert_array_equal(red, batch["label"] == 0)  # a_red sorts first
+  train = next(data.train_batches(cfg, global_batch_size=8, seed=0, process_index=0,
+                                  process_count=1))
+  assert train["image"].shape == (8, 8, 8, 3)
+  pixels = {tuple(np.round(im[0, 0] * 255).astype(int)) for im in train["image"]}
+  assert pixels == {(200, 0, 0), (0, 0, 200), (77, 77, 77)}
+  assert sorted(train["label"]) == [0] * 4 + [1] * 4
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def test_unknown_dataset_lists_the_valid_ones():
+  with pytest.raises(data.DatasetError, match="'mnist'.*digits, cifar10"):
+    data.dataset_info(make_config(name="mnist"))
+
+
+def test_unknown_split_lists_the_available_ones(dc):
+  with pytest.raises(data.DatasetError, match="'validation'.*train, test"):
+    data.dataset_info(make_config(data_dir=dc.data_dir, eval_split="validation"))
+
+
+def test_not_prepared_without_download_fails_fast(tmp_path):
+  start = time.time()
+  with pytest.raises(data.DatasetError, match=r"not prepared.*tfds build cifar10"):
+    data.train_batches(make_config(name="cifar10", data_dir=str(tmp_path)),
+                       global_batch_size=8, seed=0, process_index=0, process_count=1)
+  assert time.time() - start < 10
+  assert not os.listdir(tmp_path)  # nothing written, nothing downloaded
+
+
+def test_download_failure_becomes_a_dataset_error(tmp_path, monkeypatch):
+  def offline(self, **kwargs):
+    raise requests.exceptions.ConnectionError("no route to host")
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+  with pytest.raises(data.DatasetError, match=r"could not download.*no route.*tfds build"):
+    data.dataset_info(make_config(name="cifar10", data_dir=str(tmp_path), download=True))
+
+
+def test_batch_not_divisible_by_processes(dc):
+  with pytest.raises(data.DatasetError, match="63.*process_count 2"):
+    data.train_batches(dc, global_batch_size=63, seed=0, process_index=0, process_count=2)
+  with pytest.raises(data.DatasetError, match="63.*process_count 2"):
+    data.eval_batches(dc, global_batch_size=63, process_index=1, process_count=2)
+
+
+@pytest.mark.parametrize("field,value,match", [("image_size", 0, "image_size"),
+                                                ("mean", (0.5, 0.5), "mean"),
+                                                ("std", (0.5, 0.0, 0.5), "std")])
+def test_bad_preprocessing_values(dc, field, value, match):
+  with pytest.raises(data.DatasetError, match=match):
+    data.eval_batches(make_config(data_dir=dc.data_dir, **{field: value}), global_batch_size=8,
+                      process_index=0, process_count=1)
+
+
+def test_imagefolder_missing_folders(folder, tmp_path):
+  with pytest.raises(data.DatasetError, match="does not exist"):
+    data.dataset_info(make_config(name="imagefolder", data_dir=str(tmp_path / "nope")))
+  with pytest.raises(data.DatasetError, match=r"'test'.*splits found.*train, val"):
+    data.dataset_info(make_config(name="imagefolder", data_dir=folder, eval_split="test"))
