@@ -5,10 +5,13 @@ its eval history from exactly the checkpoint it restarts from.
 """
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+from featdiv_jax import guards
 
 
 class Checkpoints:
@@ -29,8 +32,34 @@ class Checkpoints:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict) -> None:
+    """Starts an asynchronous save; orbax writes into a temporary directory and renames it
+    when complete, so a kill mid-save leaves no step that `latest_step` would pick up."""
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    guards.fault_point("save", step)
+
+  def restore_latest(self, abstract_state: Any) -> Optional[tuple]:
+    """(step, state, meta) of the newest step that restores, or None if there is none.
+
+    A step that fails to restore (a truncated or deleted file inside it) is renamed to
+    `<step>.damaged` -- kept for inspection, never deleted, never trained over -- with a warning
+    that names it, and the next older step is tried.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        state, meta = self.restore(step, abstract_state)
+        if int(jax.device_get(state.step)) != step:
+          raise ValueError(f"it holds train state of step {int(jax.device_get(state.step))}")
+        return step, state, meta
+      except Exception as e:  # pylint: disable=broad-except  # any unreadable step is damaged
+        damaged = os.path.join(self.directory, f"{step}.damaged")
+        logging.warning("Checkpoint step %d in %s is damaged (%s: %s); moving it to %s and "
+                        "falling back to an older step.", step, self.directory,
+                        type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "", damaged)
+        if jax.process_index() == 0:
+          os.replace(os.path.join(self.directory, str(step)), _unused(damaged))
+        self.manager.reload()
+    return None
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores into `abstract_state` (ShapeDtypeStructs carrying the wanted shardings)."""
@@ -48,3 +77,12 @@ class Checkpoints:
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract_state, shardings)
+
+
+def _unused(path: str) -> str:
+  """`path`, or `path.2`, `path.3`... if it exists: a quarantined step is never overwritten."""
+  candidate, n = path, 1
+  while os.path.exists(candidate):
+    n += 1
+    candidate = f"{path}.{n}"
+  return candidate

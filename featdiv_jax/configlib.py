@@ -49,6 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = (-1, 1)                    # (data, heads) device mesh; -1: all remaining devices
   c.distributed = "auto"              # jax.distributed: auto (SLURM / TPU pod / coordinator env), on, off
   c.smoke = False                     # set by the `smoke` word: tiny model, data and steps
+  c.skip_nonfinite = False            # False: stop at a NaN/inf loss; True: skip such updates
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "seresnet18"         # seresnet18/34/50/101/152 (seresnet_tiny* for tests)
@@ -202,13 +203,18 @@ def _is_int(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _get(c, field):
+  parent, leaf = _field(c, field)
+  return parent[leaf]
+
+
 def _one_of(c, field, options):
-  value = _field(c, field)[0][_field(c, field)[1]]
+  value = _get(c, field)
   _check(value in options, field, value, ", ".join(map(str, options)))
 
 
 def _int_at_least(c, field, low):
-  value = _field(c, field)[0][_field(c, field)[1]]
+  value = _get(c, field)
   _check(_is_int(value) and value >= low, field, value, f"an integer >= {low}")
 
 
@@ -233,6 +239,7 @@ def validate(c, num_devices: int | None = None, process_count: int = 1) -> None:
   for field in ("batch_size", "log_every_steps", "keep_checkpoints"):
     _int_at_least(c, field, 1)
   _one_of(c, "distributed", ("auto", "on", "off"))
+  _check(isinstance(c.skip_nonfinite, bool), "skip_nonfinite", c.skip_nonfinite, "True or False")
 
   m = c.model
   _one_of(c, "model.arch", tuple(ARCHS))

@@ -53,13 +53,21 @@ def maybe_initialize_distributed(mode: str) -> bool:
   return True
 
 
+def variants(config) -> list:
+  """The configs a run trains: the config itself, or one per variant of a comparison."""
+  from featdiv_jax import configlib
+  if config.variant != configlib.COMPARE:
+    return [config]
+  return [configlib.with_variant(config, v) for v in config.compare_variants]
+
+
 def run(config, workdir: str) -> dict:
-  """One model, or every variant of a comparison; returns {variant: results}."""
+  """One model, or every variant of a comparison (one sub-workdir each): {variant: results}."""
   from featdiv_jax import configlib, train
   if config.variant != configlib.COMPARE:
     return {config.variant: train.train_and_evaluate(config, workdir)}
-  return {v: train.train_and_evaluate(configlib.with_variant(config, v), os.path.join(workdir, v))
-          for v in config.compare_variants}
+  return {c.variant: train.train_and_evaluate(c, os.path.join(workdir, c.variant))
+          for c in variants(config)}
 
 
 def summary_table(results: dict) -> str:
@@ -77,36 +85,65 @@ def _pct(x):
   return "     -  " if x is None else f"{100 * x:7.2f}%"
 
 
-def main(argv):
-  if len(argv) > 1:  # called directly with flags (not through app.run): parse them now
-    saved, sys.argv = sys.argv, list(argv)  # config_flags reads --config.x overrides from here
-    try:
-      FLAGS.unparse_flags()
-      for name in [n for n in FLAGS if n.startswith("config.")]:
-        delattr(FLAGS, name)  # override flags of an earlier call are defined anew
-      FLAGS(argv)
-    finally:
-      sys.argv = saved
-  if FLAGS.config is None or not FLAGS.workdir:
-    print("usage: python -m featdiv_jax.main --config=configs/digits.py[:variant,...] "
-          "--workdir=DIR", file=sys.stderr)
-    return 2
-  config = FLAGS.config
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
-    handler.addFilter(_QuietLibraries())
-  maybe_initialize_distributed(config.distributed)
-  import jax
-  from featdiv_jax import data, sharding, train
+class UsageError(Exception):
+  """A bad command line: one line for the user, no traceback."""
+
+
+def parse_flags(argv) -> list:
+  """absl flag parsing that turns a bad flag or config into one UsageError line."""
+  saved, sys.argv = sys.argv, list(argv)  # config_flags reads --config.x overrides from here
   try:
+    FLAGS.unparse_flags()
+    for name in [n for n in FLAGS if n.startswith("config.")]:
+      delattr(FLAGS, name)  # override flags of an earlier call are defined anew
+    return FLAGS(argv)
+  except flags.Error as e:
+    # config_flags embeds the config file's traceback; its last line is the actual error.
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    message = lines[0] if len(lines) == 1 else f"{lines[0].split(':')[0]}: {lines[-1]}"
+    raise UsageError(message) from None
+  finally:
+    sys.argv = saved
+
+
+def _cli_flags_parser(argv):
+  try:
+    return parse_flags(argv)
+  except UsageError as e:
+    print(f"featdiv_jax: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main(argv):
+  """Runs the job; returns 0 when done or preempted (resumable), 1 for a user error."""
+  from featdiv_jax import configlib, data, guards, sharding, train
+  user_errors = (UsageError, configlib.ConfigError, data.DatasetError, sharding.MeshError,
+                 train.WorkdirError, guards.WorkdirBusyError, train.NonFiniteError)
+  try:
+    if len(argv) > 1:  # called directly with flags (not through app.run): parse them now
+      parse_flags(argv)
+    if FLAGS.config is None or not FLAGS.workdir:
+      raise UsageError("usage: python -m featdiv_jax.main "
+                       "--config=configs/digits.py[:variant,...] --workdir=DIR")
+    config = FLAGS.config
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+      handler.addFilter(_QuietLibraries())
+    maybe_initialize_distributed(config.distributed)
+    import jax
+    for variant in variants(config):  # every variant is checked before any of them runs
+      configlib.validate(variant, jax.device_count(), jax.process_count())
     results = run(config, FLAGS.workdir)
-  except (data.DatasetError, sharding.MeshError, train.WorkdirError) as e:
+  except user_errors as e:
     print(f"featdiv_jax: error: {e}", file=sys.stderr)
     return 1
+  except train.Preempted as e:
+    print(f"featdiv_jax: {e}", file=sys.stderr)
+    return 0
   if jax.process_index() == 0:
     print(summary_table(results), flush=True)
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_cli_flags_parser)

@@ -75,8 +75,13 @@ def _head_measures(features, kind):
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, penalty_weight: float,
-               penalty_kind: str, seed: int, learning_rate_fn=None):
-  """One update. Dropout noise is `fold_in(key(seed), step)`: a resumed run repeats it exactly."""
+               penalty_kind: str, seed: int, learning_rate_fn=None,
+               skip_nonfinite: bool = False):
+  """One update. Dropout noise is `fold_in(key(seed), step)`: a resumed run repeats it exactly.
+
+  With `skip_nonfinite`, an update whose loss or gradients hold NaN/inf is dropped (the state
+  only advances its step) and reported as `skipped` = 1.
+  """
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
   def loss_fn(params):
@@ -92,13 +97,22 @@ def train_step(state: TrainState, batch: dict, *, model, tx, penalty_weight: flo
         loss=loss, cross_entropy=ce, penalty=penalty, head_cosine=head_cosine,
         accuracy=accuracy))
 
-  (_, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  if learning_rate_fn is not None:
-    metrics["learning_rate"] = learning_rate_fn(state.step)
-  return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                    opt_state=opt_state), metrics
+  new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state)
+  metrics["learning_rate"] = (learning_rate_fn(state.step) if learning_rate_fn is not None
+                              else jnp.zeros((), jnp.float32))
+  metrics["skipped"] = jnp.zeros((), jnp.float32)
+  if skip_nonfinite:
+    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                             state.replace(step=state.step + 1))
+    metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+  return new_state, metrics
 
 
 def eval_step(state: TrainState, batch: dict, *, model):
@@ -122,4 +136,5 @@ def bind_train_step(model, tx, config, learning_rate_fn=None):
   """train_step with everything static bound from a config (penalty, seed)."""
   return functools.partial(
       train_step, model=model, tx=tx, penalty_weight=float(config.penalty.weight),
-      penalty_kind=config.penalty.kind, seed=int(config.seed), learning_rate_fn=learning_rate_fn)
+      penalty_kind=config.penalty.kind, seed=int(config.seed), learning_rate_fn=learning_rate_fn,
+      skip_nonfinite=bool(config.skip_nonfinite))

@@ -20,7 +20,7 @@ from absl import logging
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 
-from featdiv_jax import checkpoint, configlib, data, models, sharding, steps
+from featdiv_jax import checkpoint, configlib, data, guards, models, sharding, steps
 
 
 @flax.struct.dataclass
@@ -31,6 +31,18 @@ class TrainMetrics(clu_metrics.Collection):
   head_cosine: clu_metrics.Average.from_output("head_cosine")
   accuracy: clu_metrics.Average.from_output("accuracy")
   learning_rate: clu_metrics.LastValue.from_output("learning_rate")
+
+
+_AVERAGED = ("loss", "cross_entropy", "penalty", "head_cosine", "accuracy")
+
+
+def step_metrics(m: dict) -> TrainMetrics:
+  """One step's metrics; a skipped (non-finite) update does not count in the averages."""
+  keep = 1.0 - m["skipped"]
+  return TrainMetrics.empty().replace(
+      learning_rate=clu_metrics.LastValue.from_model_output(m["learning_rate"]),
+      **{k: clu_metrics.Average(total=jnp.where(keep > 0, m[k], 0.0), count=keep)
+         for k in _AVERAGED})
 
 
 class Stopwatch:
@@ -100,7 +112,7 @@ def schedule(config, train_size: int) -> dict:
               checkpoint_every=int(config.checkpoint_every_steps) or steps_per_epoch)
 
 
-def initial_state(config, model, tx, info, state_sh):
+def initial_state(config, model, tx, state_sh):
   init_fn = functools.partial(steps.init_state, model, tx,
                               image_size=int(config.dataset.image_size))
   state = jax.jit(init_fn, out_shardings=state_sh)(jax.random.key(int(config.seed)))
@@ -116,11 +128,13 @@ def initial_state(config, model, tx, info, state_sh):
   return jax.device_put(state, state_sh)
 
 
-def evaluate(eval_fn, state, make_iter, batch_sh) -> dict:
+def evaluate(eval_fn, state, make_iter, batch_sh, step: int = 0) -> dict:
   sums = None
-  for local in make_iter():
+  for i, local in enumerate(make_iter()):
     out = eval_fn(state, sharding.global_batch(local, batch_sh))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    if i == 0:
+      guards.fault_point("eval", step)
   sums = jax.device_get(sums)
   count = max(float(sums["count"]), 1.0)
   matrix = np.asarray(sums["cosine_sum"]) / count
@@ -142,137 +156,195 @@ def _results(config, meta, sched, num_params) -> dict:
       eval_head_cosine_matrix=meta.get("eval_head_cosine_matrix"),
       num_params=num_params, wall_time_s=meta["wall_time_s"],
       train_images_per_s=meta.get("train_images_per_s"),
+      skipped_steps=meta.get("skipped_steps", 0),
       step=meta["step"], total_steps=sched["total_steps"],
       steps_per_epoch=sched["steps_per_epoch"], finished=meta["step"] >= sched["total_steps"])
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains and evaluates one model in `workdir`; returns what results.json holds."""
-  from clu import metric_writers, periodic_actions  # import TensorFlow only when training
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint of the current step was saved. Re-run to resume."""
 
-  start_time = time.time()
+
+class NonFiniteError(ValueError):
+  """The training loss became NaN or inf."""
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains and evaluates one model in `workdir`; returns what results.json holds.
+
+  Everything is validated, and the workdir checked and locked, before any work starts.
+  """
+  configlib.validate(config, jax.device_count(), jax.process_count())
   workdir = os.path.abspath(workdir)
   info = data.dataset_info(config.dataset)
-  sched = schedule(config, info.train_size)
-  total_steps = sched["total_steps"]
-  mesh = sharding.make_mesh(config.mesh)
   check_workdir(workdir, config)
-  is_main = jax.process_index() == 0
+  with guards.WorkdirLock(workdir), guards.PreemptionWatch() as preemption:
+    return _Run(config, workdir, info).train(preemption)
 
-  model = steps.build_model(config.model, info.num_classes)
-  lr_fn = steps.learning_rate_schedule(config.optimizer, total_steps)
-  tx = steps.make_optimizer(config.optimizer, total_steps, tuple(config.model.frozen_heads))
-  abstract = jax.eval_shape(functools.partial(
-      steps.init_state, model, tx, image_size=int(config.dataset.image_size)),
-      jax.random.key(0))
-  state_sh = sharding.state_shardings(mesh, abstract, int(config.model.num_heads))
-  batch_sh = sharding.batch_sharding(mesh)
-  replicated = sharding.replicated(mesh)
 
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
-                                 keep=int(config.keep_checkpoints))
-  start_step = ckpts.latest_step() or 0
-  if start_step:
-    logging.info("Resuming %s from step %d", workdir, start_step)
-    state, meta = ckpts.restore(start_step, checkpoint.abstract_with_shardings(abstract, state_sh))
-  else:
-    state = initial_state(config, model, tx, info, state_sh)
-    meta = dict(step=0, history=[], wall_time_s=0.0)
-  num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
+class _Run:
+  """One training run's compiled steps, state and bookkeeping."""
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  if not start_step:
-    parameter_overview.log_parameter_overview(state.params)
-    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  def __init__(self, config, workdir, info):
+    self.config, self.workdir = config, workdir
+    self.sched = schedule(config, info.train_size)
+    self.is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh)
+    total = self.sched["total_steps"]
+    model = steps.build_model(config.model, info.num_classes)
+    lr_fn = steps.learning_rate_schedule(config.optimizer, total)
+    tx = steps.make_optimizer(config.optimizer, total, tuple(config.model.frozen_heads))
+    self.abstract = jax.eval_shape(functools.partial(
+        steps.init_state, model, tx, image_size=int(config.dataset.image_size)),
+        jax.random.key(0))
+    self.state_sh = sharding.state_shardings(mesh, self.abstract, int(config.model.num_heads))
+    self.batch_sh = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
+    step_fn = steps.bind_train_step(model, tx, config, learning_rate_fn=lr_fn)
+    self.train_fn = jax.jit(
+        lambda s, b: (lambda s2, m: (s2, step_metrics(m), m))(*step_fn(s, b)),
+        in_shardings=(self.state_sh, self.batch_sh),
+        out_shardings=(self.state_sh, replicated, replicated), donate_argnums=0)
+    self.eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
+                           in_shardings=(self.state_sh, self.batch_sh), out_shardings=replicated)
+    self.model, self.tx = model, tx
+    self.ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
+                                        keep=int(config.keep_checkpoints))
 
-  step_fn = steps.bind_train_step(model, tx, config, learning_rate_fn=lr_fn)
-  train_fn = jax.jit(
-      lambda s, b: (lambda s2, m: (s2, TrainMetrics.single_from_model_output(**m)))(
-          *step_fn(s, b)),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-      donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
-                    in_shardings=(state_sh, batch_sh), out_shardings=replicated)
-  eval_batch = int(config.eval_batch_size) or int(config.batch_size)
-  _, make_eval_iter = data.eval_batches(config.dataset, global_batch_size=eval_batch)
-  train_iter = data.train_batches(config.dataset, global_batch_size=int(config.batch_size),
-                                  seed=int(config.seed), start_step=start_step)
+  def restore_or_init(self):
+    restored = self.ckpts.restore_latest(
+        checkpoint.abstract_with_shardings(self.abstract, self.state_sh))
+    if restored:
+      step, state, meta = restored
+      logging.info("Resuming %s from step %d", self.workdir, step)
+      return step, state, meta
+    state = initial_state(self.config, self.model, self.tx, self.state_sh)
+    return 0, state, dict(step=0, history=[], wall_time_s=0.0, skipped_steps=0)
 
-  def save_results():
-    if is_main:
-      write_json_atomic(os.path.join(workdir, "results.json"),
-                        _results(config, meta, sched, num_params))
+  def save_results(self, meta):
+    if self.is_main:
+      write_json_atomic(os.path.join(self.workdir, "results.json"), self.results(meta))
 
-  since_log = since_eval = None
-  watch = Stopwatch()
-  session_start = time.time()
+  def results(self, meta) -> dict:
+    return _results(self.config, meta, self.sched, self.num_params)
 
-  def bookkeep(step):
-    meta["step"] = step
-    meta["wall_time_s"] += time.time() - session_start
-    meta["train_images_per_s"] = watch.rate() or meta.get("train_images_per_s")
-    return time.time()
+  def train(self, preemption) -> dict:
+    from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
+    config, sched = self.config, self.sched
+    total_steps, batch_size = sched["total_steps"], int(config.batch_size)
+    start_step, state, meta = self.restore_or_init()
+    self.num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
+    writer = metric_writers.create_default_writer(self.workdir, just_logging=not self.is_main)
+    if not start_step:
+      parameter_overview.log_parameter_overview(state.params)
+      writer.write_hparams(_flat(config.to_dict()))
+    report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+    eval_batch = int(config.eval_batch_size) or batch_size
+    _, make_eval_iter = data.eval_batches(config.dataset, global_batch_size=eval_batch)
+    train_iter = data.train_batches(config.dataset, global_batch_size=batch_size,
+                                    seed=int(config.seed), start_step=start_step)
 
-  try:
-    for step in range(start_step + 1, total_steps + 1):
-      batch = sharding.global_batch(next(train_iter), batch_sh)
-      state, metrics = train_fn(state, batch)
-      since_log = metrics if since_log is None else since_log.merge(metrics)
-      since_eval = metrics if since_eval is None else since_eval.merge(metrics)
-      report(step)
-      if step == start_step + 1:  # the first step compiles: time the steady state after it
-        jax.block_until_ready(state.step)
-        watch.start()
-      else:
-        watch.images += int(config.batch_size)
+    since_log = since_eval = None
+    unchecked = []  # (step, raw metrics) not yet checked for NaN/inf
+    watch = Stopwatch()
+    clock = dict(since=time.time())
 
-      is_last = step == total_steps
-      if step % int(config.log_every_steps) == 0 or is_last:
-        summary = {f"train_{k}": float(v) for k, v in since_log.compute().items()}
-        watch.lap()
-        if watch.rate():
-          summary["train_images_per_s"] = watch.rate()
-        writer.write_scalars(step, summary)
-        since_log = None
-      if step % sched["eval_every"] == 0 or is_last:
-        jax.block_until_ready(state.step)
-        watch.stop()
-        with report.timed("eval"):
-          result = evaluate(eval_fn, state, make_eval_iter, batch_sh)
-        train_summary = since_eval.compute()
-        since_eval = None
-        entry = dict(step=step, epoch=step / sched["steps_per_epoch"],
-                     train_loss=float(train_summary["loss"]),
-                     train_accuracy=float(train_summary["accuracy"]),
-                     train_head_cosine=float(train_summary["head_cosine"]),
-                     **{k: v for k, v in result.items() if k != "eval_head_cosine_matrix"})
-        meta["history"].append(entry)
-        meta["eval_head_cosine_matrix"] = result["eval_head_cosine_matrix"]
-        writer.write_scalars(step, {k: v for k, v in entry.items()
-                                    if k.startswith("eval_") and v is not None})
-        logging.info("step %d/%d: eval accuracy %.4f, loss %.4f", step, total_steps,
-                     entry["eval_accuracy"], entry["eval_loss"])
-        session_start = bookkeep(step)
-        save_results()
-        watch.start()
-      if step % sched["checkpoint_every"] == 0 or is_last:
-        jax.block_until_ready(state.step)
-        watch.stop()
-        session_start = bookkeep(step)
-        with report.timed("checkpoint"):
-          ckpts.save(step, state, meta)
-        watch.start()
-  finally:  # let an in-flight async save finish, even on an exception
-    ckpts.wait()
-    ckpts.close()
-  writer.flush()
-  meta["step"] = max(meta["step"], start_step)
-  if start_step >= total_steps:
-    logging.info("%s already finished at step %d", workdir, start_step)
-  save_results()
-  logging.info("done in %.1fs", time.time() - start_time)
-  return _results(config, meta, sched, num_params)
+    def bookkeep(step):
+      """Brings meta up to `step` after checking every step since the last check."""
+      self.check_finite(unchecked, meta)
+      meta["step"] = step
+      meta["wall_time_s"] += time.time() - clock["since"]
+      clock["since"] = time.time()
+      meta["train_images_per_s"] = watch.rate() or meta.get("train_images_per_s")
+
+    def save(step):
+      jax.block_until_ready(state.step)
+      watch.stop()
+      bookkeep(step)
+      with report.timed("checkpoint"):
+        self.ckpts.save(step, state, meta)
+      watch.start()
+
+    try:
+      for step in range(start_step + 1, total_steps + 1):
+        batch = sharding.global_batch(next(train_iter), self.batch_sh)
+        state, metrics, raw = self.train_fn(state, batch)
+        unchecked.append((step, raw))
+        since_log = metrics if since_log is None else since_log.merge(metrics)
+        since_eval = metrics if since_eval is None else since_eval.merge(metrics)
+        report(step)
+        if step == start_step + 1:  # the first step compiles: time the steady state after it
+          jax.block_until_ready(state.step)
+          watch.start()
+        else:
+          watch.images += batch_size
+
+        is_last = step == total_steps
+        if step % int(config.log_every_steps) == 0 or is_last:
+          self.check_finite(unchecked, meta)
+          summary = {f"train_{k}": float(v) for k, v in since_log.compute().items()}
+          watch.lap()
+          if watch.rate():
+            summary["train_images_per_s"] = watch.rate()
+          writer.write_scalars(step, summary)
+          since_log = None
+        if step % sched["eval_every"] == 0 or is_last:
+          jax.block_until_ready(state.step)
+          watch.stop()
+          with report.timed("eval"):
+            result = evaluate(self.eval_fn, state, make_eval_iter, self.batch_sh, step)
+          bookkeep(step)
+          train_summary = since_eval.compute()
+          since_eval = None
+          entry = dict(step=step, epoch=step / sched["steps_per_epoch"],
+                       train_loss=float(train_summary["loss"]),
+                       train_accuracy=float(train_summary["accuracy"]),
+                       train_head_cosine=float(train_summary["head_cosine"]),
+                       **{k: v for k, v in result.items() if k != "eval_head_cosine_matrix"})
+          meta["history"].append(entry)
+          meta["eval_head_cosine_matrix"] = result["eval_head_cosine_matrix"]
+          writer.write_scalars(step, {k: v for k, v in entry.items()
+                                      if k.startswith("eval_") and v is not None})
+          logging.info("step %d/%d: eval accuracy %.4f, loss %.4f", step, total_steps,
+                       entry["eval_accuracy"], entry["eval_loss"])
+          self.save_results(meta)
+          watch.start()
+        if step % sched["checkpoint_every"] == 0 or is_last:
+          save(step)
+        elif preemption.should_stop(step):
+          save(step)
+          self.ckpts.wait()
+          self.save_results(meta)
+          raise Preempted(f"preempted (SIGTERM) at step {step} of {total_steps}: checkpoint "
+                          f"saved in {self.workdir}; re-run the same command to resume")
+    finally:  # let an in-flight async save finish, even on an exception or a signal
+      self.ckpts.wait()
+      self.ckpts.close()
+      writer.flush()
+    if start_step >= total_steps:
+      logging.info("%s already finished at step %d", self.workdir, start_step)
+    self.save_results(meta)
+    return self.results(meta)
+
+  def check_finite(self, unchecked: list, meta: dict) -> None:
+    """Raises NonFiniteError naming the first step whose loss is NaN/inf (nothing is saved
+    after it: the last checkpoint stays the last good one); counts skipped steps."""
+    if not unchecked:
+      return
+    host = jax.device_get([raw for _, raw in unchecked])
+    stepnums = [s for s, _ in unchecked]
+    unchecked.clear()
+    meta["skipped_steps"] = meta.get("skipped_steps", 0) + int(
+        sum(float(h["skipped"]) for h in host))
+    bad = guards.first_nonfinite({k: [h[k] for h in host]
+                                  for k in ("loss", "cross_entropy", "penalty")})
+    if bad:
+      index, name, value = bad
+      last = self.ckpts.latest_step()
+      raise NonFiniteError(
+          f"train {name} is {value} at step {stepnums[index]}; stopped. The last checkpoint "
+          f"(step {last}) is kept as it was. Lower optimizer.learning_rate, or set "
+          "skip_nonfinite=True to skip such updates and count them")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
