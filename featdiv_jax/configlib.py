@@ -181,17 +181,51 @@ CONV_IMPLS = ("auto", "xla", "im2col")
 MIN_IMAGE_SIZE = {"imagenet": 32, "cifar": 8}
 
 
+def unknown_field(c, dotted: str):
+  """Why `dotted` names no field of `c` (listing the valid ones), or None when it does."""
+  node, path = c, []
+  for part in dotted.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return f"unknown config field {dotted!r}: {'.'.join(path)} is a value, not a block of fields"
+    if part not in node:
+      where = f"fields of {'.'.join(path)}" if path else "top-level fields"
+      return f"unknown config field {dotted!r}; valid {where}: {', '.join(node.keys())}"
+    node, path = node[part], path + [part]
+  return None
+
+
+def _describe_type(value) -> str:
+  """What a field now holding `value` accepts: ConfigDict keeps each field's type."""
+  if isinstance(value, bool):
+    return "True or False"
+  if isinstance(value, int):
+    return "an integer"
+  if isinstance(value, float):
+    return "a number"
+  if isinstance(value, str):
+    return "a string"
+  if isinstance(value, (tuple, list)):
+    return "a tuple, e.g. (0, 1)"
+  return f"a {type(value).__name__}"
+
+
 def override(c: ml_collections.ConfigDict, dotted: str, value) -> None:
   """Sets `c.<dotted>` like `--config.<dotted>=value` does, as a ConfigError if it can't."""
+  why = unknown_field(c, dotted)
+  if why:
+    raise ConfigError(why)
+  parent, leaf = _field(c, dotted)
+  before = parent[leaf]
   try:
-    parent, leaf = _field(c, dotted)
-    if leaf not in parent:
-      raise KeyError(leaf)
     parent[leaf] = value
-  except (KeyError, AttributeError):
-    raise ConfigError(f"unknown config field {dotted!r}") from None
-  except TypeError as e:
-    raise ConfigError(f"{dotted}={value!r}: wrong type ({e})") from None
+  except TypeError:  # ConfigDict refuses a value of another type than the field's
+    raise ConfigError(f"{dotted}={value!r} has the wrong type ({type(value).__name__}); "
+                      f"valid: {_describe_type(before)}") from None
+
+
+def expected_type(c, dotted: str) -> str:
+  """What values the field `dotted` of `c` accepts, in words ("an integer", "a string", ...)."""
+  return _describe_type(_get(c, dotted))
 
 
 def _check(ok: bool, field: str, value, valid: str) -> None:
@@ -201,6 +235,11 @@ def _check(ok: bool, field: str, value, valid: str) -> None:
 
 def _is_int(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  """A finite int or float: inf or NaN as a weight or length only fails later, mid-run."""
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _get(c, field):
@@ -213,9 +252,21 @@ def _one_of(c, field, options):
   _check(value in options, field, value, ", ".join(map(str, options)))
 
 
-def _int_at_least(c, field, low):
+def _int_at_least(c, field, low, why=""):
   value = _get(c, field)
-  _check(_is_int(value) and value >= low, field, value, f"an integer >= {low}")
+  _check(_is_int(value) and value >= low, field, value, f"an integer >= {low}{why}")
+
+
+def _number_at_least(c, field, low, why=""):
+  value = _get(c, field)
+  _check(_is_number(value) and value >= low, field, value, f"a finite number >= {low}{why}")
+
+
+def _sequence(c, field, valid) -> tuple:
+  """The field as a tuple; a field ConfigDict let become None or a scalar is refused."""
+  value = _get(c, field)
+  _check(isinstance(value, (tuple, list)), field, value, valid)
+  return tuple(value)
 
 
 def validate(c, num_devices: int | None = None, process_count: int = 1) -> None:
@@ -226,11 +277,13 @@ def validate(c, num_devices: int | None = None, process_count: int = 1) -> None:
   from featdiv_jax.data.errors import DATASETS
 
   _one_of(c, "variant", VARIANTS + (COMPARE,))
-  for v in c.compare_variants:
-    _check(v in VARIANTS, "compare_variants", tuple(c.compare_variants), ", ".join(VARIANTS))
-  _check(_is_int(c.seed), "seed", c.seed, "an integer")
-  _check(isinstance(c.num_epochs, (int, float)) and c.num_epochs >= 0, "num_epochs",
-         c.num_epochs, "a number >= 0")
+  valid = f"a non-empty tuple of {', '.join(VARIANTS)}"
+  variants = _sequence(c, "compare_variants", valid)
+  _check(all(v in VARIANTS for v in variants) and (variants or c.variant != COMPARE),
+         "compare_variants", variants, valid)
+  # The data pipeline takes seeds as int64.
+  _check(_is_int(c.seed) and -2**63 <= c.seed < 2**63, "seed", c.seed, "a 64-bit integer")
+  _number_at_least(c, "num_epochs", 0)
   _int_at_least(c, "total_steps", 0)
   _check(c.num_epochs > 0 or c.total_steps > 0, "num_epochs", c.num_epochs,
          "> 0 (or total_steps > 0)")
@@ -250,18 +303,21 @@ def validate(c, num_devices: int | None = None, process_count: int = 1) -> None:
   _one_of(c, "model.dtype", DTYPES)
   _one_of(c, "model.conv_impl", CONV_IMPLS)
   _int_at_least(c, "model.hidden", 1)
-  _check(isinstance(m.dropout, (int, float)) and 0 <= m.dropout < 1, "model.dropout",
-         m.dropout, "a number in [0, 1)")
+  _check(_is_number(m.dropout) and 0 <= m.dropout < 1, "model.dropout", m.dropout,
+         "a number in [0, 1)")
+  _check(isinstance(m.init_from, str), "model.init_from", m.init_from,
+         "a path to a .safetensors or .npz file, or '' for none")
   for field in ("frozen_heads", "init_heads"):
-    heads = m[field]
-    _check(all(_is_int(k) and 0 <= k < m.num_heads for k in heads), f"model.{field}",
-           tuple(heads), f"head indices in 0..{m.num_heads - 1} (model.num_heads={m.num_heads})")
-  _check(len(m.frozen_heads) < m.num_heads or m.num_heads == 0, "model.frozen_heads",
-         tuple(m.frozen_heads), "fewer frozen heads than model.num_heads (something must train)")
+    valid = f"head indices in 0..{m.num_heads - 1} (model.num_heads={m.num_heads})"
+    heads = _sequence(c, f"model.{field}", f"a tuple of {valid}")
+    _check(all(_is_int(k) and 0 <= k < m.num_heads for k in heads), f"model.{field}", heads,
+           valid)
+  # set(): a head listed twice is frozen once.
+  _check(len(set(m.frozen_heads)) < m.num_heads, "model.frozen_heads", tuple(m.frozen_heads),
+         "fewer frozen heads than model.num_heads (something must train)")
 
   _one_of(c, "penalty.kind", losses.PENALTY_KINDS)
-  _check(isinstance(c.penalty.weight, (int, float)) and c.penalty.weight >= 0, "penalty.weight",
-         c.penalty.weight, "a number >= 0 (kind='align' pulls heads together)")
+  _number_at_least(c, "penalty.weight", 0, " (kind='align' pulls heads together)")
   _check(not (c.penalty.weight > 0 and m.num_heads < 2), "penalty.weight", c.penalty.weight,
          f"0 with model.num_heads={m.num_heads}: the penalty compares heads and needs "
          f"num_heads >= 2")
@@ -270,25 +326,29 @@ def validate(c, num_devices: int | None = None, process_count: int = 1) -> None:
   _one_of(c, "optimizer.name", ("adamw", "sgd"))
   _one_of(c, "optimizer.schedule", ("cosine", "constant"))
   for field in ("learning_rate", "weight_decay", "momentum"):
-    value = o[field]
-    _check(isinstance(value, (int, float)) and value >= 0 and math.isfinite(value),
-           f"optimizer.{field}", value, "a finite number >= 0")
+    _number_at_least(c, f"optimizer.{field}", 0)
   _check(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a number > 0")
   _int_at_least(c, "optimizer.warmup_steps", 0)
 
   d = c.dataset
   _one_of(c, "dataset.name", DATASETS)
+  _check(isinstance(d.data_dir, str), "dataset.data_dir", d.data_dir,
+         "a directory path, or '' for the TFDS default")
   for field in ("train_split", "eval_split"):
     _check(isinstance(d[field], str) and d[field], f"dataset.{field}", d[field],
            "a split name such as 'train' or 'test'")
-  _int_at_least(c, "dataset.image_size", MIN_IMAGE_SIZE[m.stem])
+  for field in ("download", "flip"):
+    _check(isinstance(d[field], bool), f"dataset.{field}", d[field], "True or False")
+  others = ", ".join(f"{s!r}: >= {n}" for s, n in MIN_IMAGE_SIZE.items() if s != m.stem)
+  _int_at_least(c, "dataset.image_size", MIN_IMAGE_SIZE[m.stem],
+                f" for model.stem={m.stem!r}, its total stride (other stems: {others})")
   _int_at_least(c, "dataset.resize_size", 0)
   _int_at_least(c, "dataset.pad", 0)
   _int_at_least(c, "dataset.shuffle_buffer", 1)
   for field in ("mean", "std"):
-    value = tuple(d[field])
-    _check(len(value) == 3 and all(isinstance(v, (int, float)) for v in value),
-           f"dataset.{field}", value, "three numbers (R, G, B)")
+    value = _sequence(c, f"dataset.{field}", "three numbers (R, G, B)")
+    _check(len(value) == 3 and all(_is_number(v) for v in value),
+           f"dataset.{field}", value, "three finite numbers (R, G, B)")
   _check(all(s > 0 for s in d.std), "dataset.std", tuple(d.std), "three numbers > 0")
 
   _validate_mesh(c, num_devices, process_count)
@@ -296,18 +356,32 @@ def validate(c, num_devices: int | None = None, process_count: int = 1) -> None:
     _validate_init_from(c)
 
 
+def _valid_meshes(c, num_devices) -> str:
+  """Every explicit (data, heads) mesh that fits the devices, the heads and the batch sizes."""
+  batches = {c.batch_size, c.eval_batch_size or c.batch_size}
+  shapes = [(num_devices // h, h) for h in range(1, num_devices + 1)
+            if num_devices % h == 0 and c.model.num_heads % h == 0
+            and all(b % (num_devices // h) == 0 for b in batches)]
+  fits = ", ".join(map(str, shapes)) or "none: change model.num_heads or batch_size"
+  return (f"(data, heads) with data * heads = {num_devices} devices, heads dividing "
+          f"model.num_heads={c.model.num_heads} and data dividing batch_size={c.batch_size}"
+          f" (one size may be -1): {fits}")
+
+
 def _validate_mesh(c, num_devices, process_count):
   from featdiv_jax import sharding
-  mesh = tuple(c.mesh)
   if num_devices is None:
     import jax
     num_devices = jax.device_count()
+  valid = _valid_meshes(c, num_devices)
+  mesh = _sequence(c, "mesh", valid)
+  # Checked here: resolve_mesh_shape would turn 2.5 into 2, and '(a,1)' into a ValueError.
+  _check(len(mesh) == 2 and all(_is_int(s) for s in mesh), "mesh", mesh, valid)
   try:
     data, heads = sharding.resolve_mesh_shape(mesh, num_devices)
   except sharding.MeshError as e:
-    raise ConfigError(str(e)) from None
-  _check(c.model.num_heads % heads == 0, "mesh", mesh,
-         f"a heads axis that divides model.num_heads={c.model.num_heads}")
+    raise ConfigError(f"{e}; valid: {valid}") from None
+  _check(c.model.num_heads % heads == 0, "mesh", mesh, valid)
   for field in ("batch_size", "eval_batch_size"):
     value = c[field] or c.batch_size
     _check(value % data == 0 and value % process_count == 0, field, value,
@@ -317,10 +391,19 @@ def _validate_mesh(c, num_devices, process_count):
 def _validate_init_from(c):
   import os
   from featdiv_jax import models
-  path = c.model.init_from
+  path, arch, stem = c.model.init_from, c.model.arch, c.model.stem
   _check(os.path.isfile(path), "model.init_from", path, "an existing .safetensors or .npz file")
   try:
-    models.load_timm_weights(path, c.model.arch, stem=c.model.stem)
-  except (ValueError, OSError) as e:
-    raise ConfigError(f"model.init_from={path!r} does not fit model.arch="
-                      f"{c.model.arch!r}: {e}") from None
+    state = models.read_state_dict(path)
+  # safetensors, zipfile and numpy each raise their own exception types for a damaged file, and
+  # any of them means the same to the user: this is not a readable weights file.
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"model.init_from={path!r} could not be read ({type(e).__name__}: {e}); "
+                      f"valid: a timm state dict saved as .safetensors or .npz") from None
+  try:
+    # The heads are feature extractors: the class count of the file's `fc` (if any) is free.
+    models.load_timm_weights(state, arch, stem=stem)
+  except ValueError as e:
+    raise ConfigError(f"model.init_from={path!r} does not fit model.arch={arch!r} with "
+                      f"model.stem={stem!r}: {e}; valid: the weights of a timm {arch} "
+                      f"(any class count)") from None

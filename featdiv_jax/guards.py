@@ -89,9 +89,14 @@ class PreemptionWatch:
 
 
 def fault_point(name: str, step: int) -> None:
-  """Kills this process with SIGKILL when FEATDIV_FAULT is `name:step` (fault-injection tests)."""
-  if os.environ.get("FEATDIV_FAULT") == f"{name}:{step}":
-    os.kill(os.getpid(), signal.SIGKILL)
+  """Signals this process when FEATDIV_FAULT is `name:step[:SIGNAL]` (fault-injection tests).
+
+  Points: `step` (after a train step is dispatched), `save` (a checkpoint save is in flight),
+  `eval` (after the first eval batch). SIGNAL defaults to KILL; TERM is a preemption notice.
+  """
+  parts = os.environ.get("FEATDIV_FAULT", "").split(":")
+  if parts[:2] == [name, str(step)]:
+    os.kill(os.getpid(), getattr(signal, f"SIG{parts[2] if len(parts) > 2 else 'KILL'}"))
 
 
 def first_nonfinite(values: dict) -> Optional[tuple]:

@@ -7,6 +7,7 @@ table of their accuracies is printed at the end.
 
 import logging as std_logging
 import os
+import re
 import sys
 
 from absl import app
@@ -101,9 +102,48 @@ def parse_flags(argv) -> list:
     # config_flags embeds the config file's traceback; its last line is the actual error.
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     message = lines[0] if len(lines) == 1 else f"{lines[0].split(':')[0]}: {lines[-1]}"
-    raise UsageError(message) from None
+    raise UsageError(_with_valid_type(message, argv)) from None
+  except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+    # config_flags resolves `--config.<field>` paths itself, and one that names no field escapes
+    # as one of these instead of a flags.Error.
+    raise UsageError(_unknown_override(argv) or f"{type(e).__name__}: {e}") from None
   finally:
     sys.argv = saved
+
+
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)(?:=(.*))?$", re.DOTALL)
+
+
+def _overrides(argv) -> list:
+  """(field, value or None) of each `--config.<field>[=value]` in argv."""
+  return [m.groups() for m in map(_OVERRIDE.match, argv) if m]
+
+
+def _unknown_override(argv):
+  """Why the first `--config.<field>` that names no config field is wrong, or None.
+
+  Every config file builds on `configlib.default_config()`, so its fields are the ones to know.
+  """
+  from featdiv_jax import configlib
+  config = configlib.default_config()
+  for field, _ in _overrides(argv):
+    why = configlib.unknown_field(config, field)
+    if why:
+      return f"--config.{field}: {why}"
+  return None
+
+
+def _with_valid_type(message: str, argv) -> str:
+  """Adds what a `--config.<field>` accepts to absl's 'flag --config.x=v: <parse error>'."""
+  from featdiv_jax import configlib
+  config = configlib.default_config()
+  for field, value in _overrides(argv):
+    if (value is not None and message.startswith(f"flag --config.{field}={value}: ")
+        and not configlib.unknown_field(config, field)):
+      reason = message[len(f"flag --config.{field}={value}: "):]
+      return (f"--config.{field}={value!r} has the wrong type ({reason}); valid: "
+              f"{configlib.expected_type(config, field)}")
+  return message
 
 
 def _cli_flags_parser(argv):

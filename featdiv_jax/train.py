@@ -45,6 +45,22 @@ def step_metrics(m: dict) -> TrainMetrics:
          for k in _AVERAGED})
 
 
+def metrics_to_json(collection) -> dict | None:
+  """The running averages of a TrainMetrics as JSON, so a checkpoint can carry them."""
+  if collection is None:
+    return None
+  host = jax.device_get(collection)
+  return {k: [float(getattr(host, k).total), float(getattr(host, k).count)] for k in _AVERAGED}
+
+
+def metrics_from_json(saved: dict | None):
+  if not saved:
+    return None
+  return TrainMetrics.empty().replace(**{
+      k: clu_metrics.Average(total=jnp.asarray(t, jnp.float32), count=jnp.asarray(c, jnp.float32))
+      for k, (t, c) in saved.items()})
+
+
 class Stopwatch:
   """Training seconds and images, excluding the compiling first step, evals and checkpoints."""
 
@@ -83,7 +99,7 @@ def write_json_atomic(path: str, payload: Any) -> None:
 
 
 def check_workdir(workdir: str, config) -> None:
-  """Refuses a workdir whose saved config describes a different model; records ours if new."""
+  """Refuses a workdir whose saved config describes a different model; writes nothing."""
   path = os.path.join(workdir, "config.json")
   ours = json.loads(json.dumps(configlib.model_signature(config)))  # tuples -> lists, as saved
   if os.path.exists(path):
@@ -98,9 +114,14 @@ def check_workdir(workdir: str, config) -> None:
     if diffs:
       raise WorkdirError(f"workdir {workdir} holds a run of a different model ("
                          + "; ".join(diffs) + "); use a new --workdir or the matching config")
-  elif jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(path, {"signature": ours, "config": config.to_dict()})
+
+
+def record_config(workdir: str, config) -> None:
+  """Writes WORKDIR/config.json once, the signature later runs are checked against."""
+  path = os.path.join(workdir, "config.json")
+  if jax.process_index() == 0 and not os.path.exists(path):
+    signature = json.loads(json.dumps(configlib.model_signature(config)))
+    write_json_atomic(path, {"signature": signature, "config": config.to_dict()})
 
 
 def schedule(config, train_size: int) -> dict:
@@ -177,8 +198,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   configlib.validate(config, jax.device_count(), jax.process_count())
   workdir = os.path.abspath(workdir)
   info = data.dataset_info(config.dataset)
-  check_workdir(workdir, config)
+  check_workdir(workdir, config)  # refuses before anything is written
   with guards.WorkdirLock(workdir), guards.PreemptionWatch() as preemption:
+    record_config(workdir, config)
     return _Run(config, workdir, info).train(preemption)
 
 
@@ -244,7 +266,9 @@ class _Run:
     train_iter = data.train_batches(config.dataset, global_batch_size=batch_size,
                                     seed=int(config.seed), start_step=start_step)
 
-    since_log = since_eval = None
+    # The eval interval's running train averages travel in the checkpoint, so a run resumed
+    # between two evals reports the same train_loss as an uninterrupted one.
+    since_log, since_eval = None, metrics_from_json(meta.get("since_eval"))
     unchecked = []  # (step, raw metrics) not yet checked for NaN/inf
     watch = Stopwatch()
     clock = dict(since=time.time())
@@ -261,6 +285,7 @@ class _Run:
       jax.block_until_ready(state.step)
       watch.stop()
       bookkeep(step)
+      meta["since_eval"] = metrics_to_json(since_eval)
       with report.timed("checkpoint"):
         self.ckpts.save(step, state, meta)
       watch.start()
@@ -269,6 +294,7 @@ class _Run:
       for step in range(start_step + 1, total_steps + 1):
         batch = sharding.global_batch(next(train_iter), self.batch_sh)
         state, metrics, raw = self.train_fn(state, batch)
+        guards.fault_point("step", step)
         unchecked.append((step, raw))
         since_log = metrics if since_log is None else since_log.merge(metrics)
         since_eval = metrics if since_eval is None else since_eval.merge(metrics)
@@ -334,8 +360,10 @@ class _Run:
     host = jax.device_get([raw for _, raw in unchecked])
     stepnums = [s for s, _ in unchecked]
     unchecked.clear()
-    meta["skipped_steps"] = meta.get("skipped_steps", 0) + int(
-        sum(float(h["skipped"]) for h in host))
+    skipped = [float(h["skipped"]) > 0 for h in host]
+    meta["skipped_steps"] = meta.get("skipped_steps", 0) + sum(skipped)
+    stepnums = [s for s, skip in zip(stepnums, skipped) if not skip]
+    host = [h for h, skip in zip(host, skipped) if not skip]  # dropped updates are not errors
     bad = guards.first_nonfinite({k: [h[k] for h in host]
                                   for k in ("loss", "cross_entropy", "penalty")})
     if bad:

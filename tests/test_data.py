@@ -329,3 +329,82 @@ def test_imagefolder_missing_folders(folder, tmp_path):
     data.dataset_info(make_config(name="imagefolder", data_dir=str(tmp_path / "nope")))
   with pytest.raises(data.DatasetError, match=r"'test'.*splits found.*train, val"):
     data.dataset_info(make_config(name="imagefolder", data_dir=folder, eval_split="test"))
+
+
+# --- bad files in image folders: one DatasetError naming the file, when the source opens ------
+
+
+@pytest.fixture
+def small_folder(tmp_path):
+  """train/ and test/, one good PNG per class: each test adds the file that is wrong."""
+  for split in ("train", "test"):
+    for cls in ("a", "b"):
+      os.makedirs(tmp_path / split / cls)
+      tf.io.write_file(str(tmp_path / split / cls / "0.png"), png(np.zeros((9, 9, 3))))
+  return tmp_path
+
+
+def folder_config(root):
+  return make_config(name="imagefolder", data_dir=str(root), image_size=8, resize_size=0)
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("x.jpg", b"not an image at all", r"x\.jpg' is not an image: a JPEG file starts with"),
+    ("x.png", b"", r"x\.png' is not an image: a PNG file starts with .*this one with b''"),
+    ("x.GIF", b"<html>", r"x\.GIF' is not an image: a GIF file"),
+])
+def test_a_non_image_with_an_image_name_is_refused_when_the_source_opens(small_folder, name,
+                                                                         content, match):
+  (small_folder / "test" / "b" / name).write_bytes(content)
+  with pytest.raises(data.DatasetError, match=match) as e:
+    data.dataset_info(folder_config(small_folder))
+  assert str(small_folder / "test" / "b" / name) in str(e.value)
+  assert "BMP/GIF/JPEG/PNG" in str(e.value)  # what would be valid
+
+
+def test_the_image_check_reads_bytes_not_names(small_folder):
+  # tf.io.decode_image goes by the bytes, so a PNG saved as .jpg trains fine: not refused.
+  tf.io.write_file(str(small_folder / "train" / "a" / "really_a_png.jpg"), png(np.ones((9, 9, 3))))
+  assert data.dataset_info(folder_config(small_folder)).train_size == 3
+
+
+def test_an_unreadable_image_is_refused_when_the_source_opens(small_folder):
+  bad = small_folder / "train" / "a" / "locked.png"
+  tf.io.write_file(str(bad), png(np.zeros((9, 9, 3))))
+  os.chmod(bad, 0)
+  try:
+    if os.access(bad, os.R_OK):
+      pytest.skip("running as root: a chmod 000 file stays readable (see the simulated test)")
+    with pytest.raises(data.DatasetError, match=r"locked\.png' cannot be read"):
+      data.dataset_info(folder_config(small_folder))
+  finally:
+    os.chmod(bad, 0o644)  # so tmp_path can be cleaned up
+
+
+def test_a_read_error_is_refused_when_the_source_opens_simulated(small_folder, monkeypatch):
+  # The permission test above is skipped as root; this one makes the read fail instead.
+  bad = str(small_folder / "train" / "b" / "0.png")
+  real_gfile = tf.io.gfile.GFile
+
+  def gfile(path, mode="r"):
+    if path == bad:
+      raise tf.errors.PermissionDeniedError(None, None, f"{path}; Permission denied")
+    return real_gfile(path, mode)
+
+  monkeypatch.setattr(tf.io.gfile, "GFile", gfile)
+  with pytest.raises(data.DatasetError, match=r"b/0\.png' cannot be read: .*Permission denied"):
+    data.dataset_info(folder_config(small_folder))
+
+
+def test_a_folder_named_like_an_image_is_refused(small_folder):
+  os.makedirs(small_folder / "train" / "b" / "odd.png")
+  with pytest.raises(data.DatasetError, match=r"odd\.png' cannot be read"):
+    data.dataset_info(folder_config(small_folder))
+
+
+def test_an_unknown_split_names_the_config_field(dc, small_folder):
+  with pytest.raises(data.DatasetError, match=r"dataset\.eval_split='validation' is invalid"):
+    data.dataset_info(make_config(data_dir=dc.data_dir, eval_split="validation"))
+  with pytest.raises(data.DatasetError, match=r"dataset\.train_split='val' is invalid.*train"):
+    data.dataset_info(make_config(name="imagefolder", data_dir=str(small_folder),
+                                  train_split="val"))

@@ -1,6 +1,5 @@
 """The training system end to end: main on every data set, results.json, resume, refusals."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -10,25 +9,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from featdiv_jax import data, main, train
+from tests_util import load_config
 
-ROOT = pathlib.Path(__file__).parent.parent
 HISTORY_KEYS = {"step", "epoch", "train_loss", "eval_loss", "eval_accuracy", "eval_head_cosine"}
 RESULT_KEYS = {"config", "history", "best_eval_accuracy", "final_eval_accuracy", "num_params",
                "wall_time_s", "train_images_per_s"}
-
-
-def load_config(name, arg, **overrides):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
 
 
 @pytest.fixture(scope="module")

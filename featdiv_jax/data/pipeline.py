@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from featdiv_jax.data.errors import DatasetError
 from featdiv_jax.data.preprocess import Preprocess, check_int, config_field
-from featdiv_jax.data.sources import open_source
+from featdiv_jax.data.sources import UnknownSplitError, open_source
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -32,8 +32,16 @@ def dataset_info(dc) -> DatasetInfo:
   """Class count and split sizes; prepares the data set first if it needs to (and may)."""
   source = open_source(dc)
   return DatasetInfo(num_classes=int(source.num_classes),
-                     train_size=int(source.split_size(config_field(dc, "train_split"))),
-                     eval_size=int(source.split_size(config_field(dc, "eval_split"))))
+                     train_size=_split_size(source, dc, "train_split"),
+                     eval_size=_split_size(source, dc, "eval_split"))
+
+
+def _split_size(source, dc, field: str) -> int:
+  split = config_field(dc, field)
+  try:
+    return int(source.split_size(split))
+  except UnknownSplitError as e:  # say which config field holds the unknown name
+    raise DatasetError(f"dataset.{field}={split!r} is invalid: {e}") from None
 
 
 def _processes(global_batch_size, process_index, process_count) -> Tuple[int, int, int]:

@@ -6,6 +6,7 @@ turns a ref into image bytes; the pipeline calls it after any resume skip, so sk
 reads or decodes an image.
 """
 
+import concurrent.futures
 import os
 from typing import List, Optional
 
@@ -16,6 +17,17 @@ from featdiv_jax.data.digits import SklearnDigits
 from featdiv_jax.data.errors import DATASETS, DatasetError
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+# The first bytes of each format tf.io.decode_image reads, by the extension that names it.
+IMAGE_MAGIC = {".bmp": (b"BM", "BMP"), ".gif": (b"GIF8", "GIF"),
+               ".jpeg": (b"\xff\xd8\xff", "JPEG"), ".jpg": (b"\xff\xd8\xff", "JPEG"),
+               ".png": (b"\x89PNG\r\n\x1a\n", "PNG")}
+
+# Files checked at once: on a remote file system (gs://) each check is a round trip.
+CHECK_THREADS = 16
+
+
+class UnknownSplitError(DatasetError):
+  """A split name the data set does not have; the message lists the ones it has."""
 
 
 def even_range(total: int, index: int, count: int, drop_remainder: bool):
@@ -114,7 +126,7 @@ class TfdsSource:
     try:
       return self._builder.info.splits[split]
     except (KeyError, ValueError, TypeError):
-      raise DatasetError(
+      raise UnknownSplitError(
           f"unknown split {split!r} for dataset {self.name!r}; available splits: "
           f"{', '.join(self._builder.info.splits)} (sub-splits like 'train[:90%]' also work)"
       ) from None
@@ -174,20 +186,56 @@ class ImageFolderSource:
     if split not in self._files:
       folder = os.path.join(self._root, str(split))
       if split not in self.splits:
-        raise DatasetError(f"split {split!r} not found: no folder {folder!r}; splits found in "
-                           f"{self._root!r}: {', '.join(self.splits) or 'none'}")
+        raise UnknownSplitError(f"split {split!r} not found: no folder {folder!r}; splits found "
+                                f"in {self._root!r}: {', '.join(self.splits) or 'none'}")
       paths, labels = [], []
       for label, name in enumerate(self.classes):
         class_dir = os.path.join(folder, name)
         if tf.io.gfile.isdir(class_dir):
-          files = sorted(f for f in tf.io.gfile.listdir(class_dir)
-                         if f.lower().endswith(IMAGE_EXTENSIONS))
+          files = sorted(f for f in _listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
           paths += [os.path.join(class_dir, f) for f in files]
           labels += [label] * len(files)
+      check_images(paths)
       self._files[split] = (paths, labels)
     return self._files[split]
 
 
+def _listdir(path: str) -> List[str]:
+  try:
+    return tf.io.gfile.listdir(path)
+  except tf.errors.OpError as e:  # e.g. a folder without read permission
+    raise DatasetError(f"image folder {path!r} cannot be listed: {e.message}") from None
+
+
 def _subfolders(path: str) -> List[str]:
-  return sorted(f.rstrip("/") for f in tf.io.gfile.listdir(path)
-                if tf.io.gfile.isdir(os.path.join(path, f)))
+  return sorted(f.rstrip("/") for f in _listdir(path) if tf.io.gfile.isdir(os.path.join(path, f)))
+
+
+def check_image(path: str) -> None:
+  """Raises DatasetError unless `path` can be read and starts like an image.
+
+  A cheap check of the first bytes, so a stray text file or an unreadable file is reported
+  when the source is opened, not as a tf.data error mid-run. Any of the known formats is
+  accepted whatever the extension (decode_image looks at the bytes, not the name); a file with
+  a valid header but a damaged body still fails only when it is decoded.
+  """
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      head = f.read(8)
+  except (tf.errors.OpError, OSError) as e:
+    reason = e.message if isinstance(e, tf.errors.OpError) else str(e)
+    raise DatasetError(f"image file {path!r} cannot be read: {reason}") from None
+  magic, kind = IMAGE_MAGIC["." + path.rsplit(".", 1)[-1].lower()]  # listed by extension
+  if not any(head.startswith(m) for m, _ in IMAGE_MAGIC.values()):
+    raise DatasetError(f"image file {path!r} is not an image: a {kind} file starts with "
+                       f"{magic!r}, this one with {head!r}; remove it or replace it with a "
+                       f"{'/'.join(sorted({k for _, k in IMAGE_MAGIC.values()}))} image")
+
+
+def check_images(paths: List[str]) -> None:
+  """check_image on every path, in parallel; the error is the first bad file in list order."""
+  if not paths:
+    return
+  with concurrent.futures.ThreadPoolExecutor(min(CHECK_THREADS, len(paths))) as pool:
+    for _ in pool.map(check_image, paths):
+      pass
