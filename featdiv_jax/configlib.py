@@ -32,6 +32,10 @@ ARG_KEYS = {
 FLAGS_WORDS = ("smoke",)
 
 
+class ConfigError(ValueError):
+  """A config value that cannot work, with the field, the value and what would be valid."""
+
+
 def default_config() -> ml_collections.ConfigDict:
   """The paper's README recipe; data set configs override the `dataset` block."""
   c = ml_collections.ConfigDict()
@@ -150,7 +154,8 @@ def with_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.C
   multi_cos: K heads with the penalty at `penalty.weight`.
   """
   if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    raise ConfigError(f"compare_variants has unknown variant {variant!r}; valid: "
+                      f"{', '.join(VARIANTS)}")
   c = ml_collections.ConfigDict(c.to_dict())
   c.variant = variant
   if variant == "single":
@@ -171,17 +176,13 @@ def model_signature(c) -> dict:
           "dataset.image_size": c.dataset.image_size, "optimizer.name": c.optimizer.name}
 
 
-class ConfigError(ValueError):
-  """A config value that cannot work, with the field, the value and what would be valid."""
-
-
 DTYPES = ("float32", "bfloat16", "float16")
 CONV_IMPLS = ("auto", "xla", "im2col")
 # Smallest input each stem turns into at least a 1x1 final map by design (total stride).
 MIN_IMAGE_SIZE = {"imagenet": 32, "cifar": 8}
 
 
-def unknown_field(c, dotted: str):
+def unknown_field(c, dotted: str) -> str | None:
   """Why `dotted` names no field of `c` (listing the valid ones), or None when it does."""
   node, path = c, []
   for part in dotted.split("."):
@@ -269,6 +270,11 @@ def _sequence(c, field, valid) -> tuple:
   return tuple(value)
 
 
+def check_distributed(c) -> None:
+  """The one field main needs before jax starts (jax.distributed must come first)."""
+  _one_of(c, "distributed", ("auto", "on", "off"))
+
+
 def validate(c, num_devices: int | None = None, process_count: int = 1) -> None:
   """Raises ConfigError for the first field that cannot work; checks every field first."""
   # Imported here so configs stay importable without jax's device initialisation.
@@ -312,9 +318,7 @@ def validate(c, num_devices: int | None = None, process_count: int = 1) -> None:
     heads = _sequence(c, f"model.{field}", f"a tuple of {valid}")
     _check(all(_is_int(k) and 0 <= k < m.num_heads for k in heads), f"model.{field}", heads,
            valid)
-  # set(): a head listed twice is frozen once.
-  _check(len(set(m.frozen_heads)) < m.num_heads, "model.frozen_heads", tuple(m.frozen_heads),
-         "fewer frozen heads than model.num_heads (something must train)")
+  # Every head frozen is allowed: the classifier still trains (a linear probe).
 
   _one_of(c, "penalty.kind", losses.PENALTY_KINDS)
   _number_at_least(c, "penalty.weight", 0, " (kind='align' pulls heads together)")

@@ -169,10 +169,15 @@ def main(argv):
     handler = logging.get_absl_handler()
     if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
       handler.addFilter(_QuietLibraries())
+    # jax.distributed must start before jax touches a device, so its mode is checked first.
+    configlib.check_distributed(config)
     maybe_initialize_distributed(config.distributed)
     import jax
-    for variant in variants(config):  # every variant is checked before any of them runs
-      configlib.validate(variant, jax.device_count(), jax.process_count())
+    # The config itself, then every variant it expands to, before any of them runs.
+    configlib.validate(config, jax.device_count(), jax.process_count())
+    if config.variant == configlib.COMPARE:
+      for c in variants(config):
+        configlib.validate(c, jax.device_count(), jax.process_count())
     results = run(config, FLAGS.workdir)
   except user_errors as e:
     print(f"featdiv_jax: error: {e}", file=sys.stderr)

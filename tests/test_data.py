@@ -396,6 +396,20 @@ def test_a_read_error_is_refused_when_the_source_opens_simulated(small_folder, m
     data.dataset_info(folder_config(small_folder))
 
 
+def test_a_remote_folder_is_checked_too(tmp_path):
+  # TF's in-memory file system stands in for gs://: remote files are checked by a thread pool.
+  root = f"ram://{tmp_path.name}"
+  for split in ("train", "test"):
+    for i, cls in enumerate(("a", "b")):
+      tf.io.gfile.makedirs(f"{root}/{split}/{cls}")
+      tf.io.write_file(f"{root}/{split}/{cls}/{i}.png", png(np.zeros((9, 9, 3))))
+  assert data.dataset_info(folder_config(root)).train_size == 2
+  with tf.io.gfile.GFile(f"{root}/test/a/x.jpeg", "w") as f:
+    f.write("not a JPEG")
+  with pytest.raises(data.DatasetError, match=rf"'{root}/test/a/x\.jpeg' is not an image"):
+    data.dataset_info(folder_config(root))
+
+
 def test_a_folder_named_like_an_image_is_refused(small_folder):
   os.makedirs(small_folder / "train" / "b" / "odd.png")
   with pytest.raises(data.DatasetError, match=r"odd\.png' cannot be read"):
