@@ -45,6 +45,7 @@ class MultiHeadNet(nn.Module):
   hidden: int = 512
   dropout: float = 0.5
   frozen_heads: Sequence[int] = ()
+  heads_impl: str = "vmap"  # "loop": K separate modules, for benchmarking against vmap
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -57,15 +58,23 @@ class MultiHeadNet(nn.Module):
     if self.frozen_heads:
       frozen = jnp.asarray(np.isin(np.arange(self.num_heads), self.frozen_heads))
       args += (frozen,)
-    heads = nn.vmap(
-        SEResNet,
-        variable_axes={"params": 0, "batch_stats": 0, "intermediates": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(None, None) + ((0,) if frozen is not None else ()),
-        axis_size=self.num_heads,
-    )(**dict(self.backbone), num_classes=0, name="heads")
-    # `train` goes positionally: nn.vmap drops keyword arguments.
-    features = heads(*args)
+    if self.heads_impl == "loop":
+      features = jnp.stack([
+          SEResNet(**dict(self.backbone), num_classes=0, name=f"head_{k}")(
+              x, train, None if frozen is None else frozen[k])
+          for k in range(self.num_heads)])
+    elif self.heads_impl == "vmap":
+      heads = nn.vmap(
+          SEResNet,
+          variable_axes={"params": 0, "batch_stats": 0, "intermediates": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(None, None) + ((0,) if frozen is not None else ()),
+          axis_size=self.num_heads,
+      )(**dict(self.backbone), num_classes=0, name="heads")
+      # `train` goes positionally: nn.vmap drops keyword arguments.
+      features = heads(*args)
+    else:
+      raise ValueError(f"heads_impl={self.heads_impl!r}; valid: vmap, loop")
     if frozen is not None:
       features = jnp.where(frozen[:, None, None, None, None],
                            jax.lax.stop_gradient(features), features)
@@ -85,7 +94,8 @@ class MultiHeadNet(nn.Module):
 
 def create_multihead(arch: str, num_heads: int, num_classes: int, *, fusion: str = "concat",
                      classifier: str = "flatten_mlp", hidden: int = 512, dropout: float = 0.5,
-                     frozen_heads: Sequence[int] = (), **options) -> MultiHeadNet:
+                     frozen_heads: Sequence[int] = (), heads_impl: str = "vmap",
+                     **options) -> MultiHeadNet:
   """A MultiHeadNet of `num_heads` `arch` backbones; `options` as for `create_model`."""
   if num_heads < 1:
     raise ValueError(f"num_heads must be >= 1, got {num_heads}")
@@ -93,6 +103,8 @@ def create_multihead(arch: str, num_heads: int, num_classes: int, *, fusion: str
     raise ValueError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
   if classifier not in CLASSIFIERS:
     raise ValueError(f"unknown classifier {classifier!r}; valid: {', '.join(CLASSIFIERS)}")
+  if heads_impl == "loop" and frozen_heads:
+    raise ValueError("frozen_heads needs heads_impl='vmap' (the stacked `heads` parameters)")
   bad = [k for k in frozen_heads if not 0 <= int(k) < num_heads]
   if bad:
     raise ValueError(f"frozen_heads {list(frozen_heads)} has index(es) {bad} outside "
@@ -100,7 +112,7 @@ def create_multihead(arch: str, num_heads: int, num_classes: int, *, fusion: str
   return MultiHeadNet(
       backbone=FrozenDict(backbone_fields(arch, **options)), num_heads=num_heads, num_classes=num_classes,
       fusion=fusion, classifier=classifier, hidden=hidden, dropout=dropout,
-      frozen_heads=tuple(sorted({int(k) for k in frozen_heads})))
+      frozen_heads=tuple(sorted({int(k) for k in frozen_heads})), heads_impl=heads_impl)
 
 
 def _check_same_tree(stacked, single, what):

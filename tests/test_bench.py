@@ -1,0 +1,42 @@
+"""The benchmark's command line and JSON (its speed claims are measured, not tested)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from featdiv_jax import bench, models
+
+
+def test_bench_writes_the_fields_outside_checks_read(tmp_path, capsys):
+  path = tmp_path / "r.json"
+  assert bench.main(["--arch", "seresnet_tiny", "--heads", "2", "--image-size", "32",
+                     "--batch", "8", "--steps", "2", "--warmup", "1", "--json", str(path)]) == 0
+  r = json.loads(path.read_text())
+  assert r["img_per_s"] > 0 and r["step_ms_median"] > 0 and r["compile_s"] > 0
+  assert r["step_ms_min"] <= r["step_ms_median"] <= r["step_ms_max"]
+  assert r["flops_per_step"] > 0 and r["penalty"] and np.isfinite(r["loss"])
+  assert "img/s" in capsys.readouterr().out
+
+
+def test_loop_heads_match_vmapped_heads_given_the_same_weights():
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  vmapped = models.create_multihead("seresnet_tiny", 3, 5, stem="cifar")
+  looped = models.create_multihead("seresnet_tiny", 3, 5, stem="cifar", heads_impl="loop")
+  v = jax.jit(vmapped.init)(jax.random.key(0), x)
+  loop_vars = {col: {**{f"head_{k}": jax.tree.map(lambda a: a[k], v[col]["heads"])
+                        for k in range(3)},
+                     **{n: t for n, t in v[col].items() if n != "heads"}}
+               for col in v}
+  (a, fa), (b, fb) = jax.jit(vmapped.apply)(v, x), jax.jit(looped.apply)(loop_vars, x)
+  np.testing.assert_allclose(fa, fb, atol=1e-5)
+  np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_bad_bench_arguments_exit_with_a_message():
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--heads", "0"])
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--arch", "resnet9"])
