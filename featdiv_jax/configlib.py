@@ -126,21 +126,21 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
   if tokens and "=" not in tokens[0] and tokens[0] not in FLAGS_WORDS:
     variant = tokens.pop(0)
   if variant not in VARIANTS + (COMPARE,):
-    raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS + (COMPARE,))}")
+    raise ConfigError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS + (COMPARE,))}")
   for token in tokens:
     if token in FLAGS_WORDS:
       smoke(c)
       continue
     key, sep, value = token.partition("=")
     if not sep or key not in ARG_KEYS:
-      raise ValueError(f"unknown config argument {token!r}; valid: a variant "
+      raise ConfigError(f"unknown config argument {token!r}; valid: a variant "
                        f"({', '.join(VARIANTS + (COMPARE,))}), 'smoke', or key=value with key "
                        f"in {', '.join(ARG_KEYS)}")
     dotted, typ = ARG_KEYS[key]
     try:
       parsed = typ(value)
     except ValueError:
-      raise ValueError(f"config argument {key}={value!r}: expected {typ.__name__}") from None
+      raise ConfigError(f"config argument {key}={value!r}: expected {typ.__name__}") from None
     parent, leaf = _field(c, dotted)
     parent[leaf] = parsed
   c.variant = variant

@@ -133,9 +133,7 @@ def schedule(config, train_size: int) -> dict:
               checkpoint_every=int(config.checkpoint_every_steps) or steps_per_epoch)
 
 
-def initial_state(config, model, tx, state_sh):
-  init_fn = functools.partial(steps.init_state, model, tx,
-                              image_size=int(config.dataset.image_size))
+def initial_state(config, init_fn, state_sh):
   state = jax.jit(init_fn, out_shardings=state_sh)(jax.random.key(int(config.seed)))
   if not config.model.init_from:
     return state
@@ -216,9 +214,9 @@ class _Run:
     model = steps.build_model(config.model, info.num_classes)
     lr_fn = steps.learning_rate_schedule(config.optimizer, total)
     tx = steps.make_optimizer(config.optimizer, total, tuple(config.model.frozen_heads))
-    self.abstract = jax.eval_shape(functools.partial(
-        steps.init_state, model, tx, image_size=int(config.dataset.image_size)),
-        jax.random.key(0))
+    self.init_fn = functools.partial(steps.init_state, model, tx,
+                                     image_size=int(config.dataset.image_size))
+    self.abstract = jax.eval_shape(self.init_fn, jax.random.key(0))
     self.state_sh = sharding.state_shardings(mesh, self.abstract, int(config.model.num_heads))
     self.batch_sh = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
@@ -229,7 +227,6 @@ class _Run:
         out_shardings=(self.state_sh, replicated, replicated), donate_argnums=0)
     self.eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
                            in_shardings=(self.state_sh, self.batch_sh), out_shardings=replicated)
-    self.model, self.tx = model, tx
     self.ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
                                         keep=int(config.keep_checkpoints))
 
@@ -240,7 +237,7 @@ class _Run:
       step, state, meta = restored
       logging.info("Resuming %s from step %d", self.workdir, step)
       return step, state, meta
-    state = initial_state(self.config, self.model, self.tx, self.state_sh)
+    state = initial_state(self.config, self.init_fn, self.state_sh)
     return 0, state, dict(step=0, history=[], wall_time_s=0.0, skipped_steps=0)
 
   def save_results(self, meta):
