@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Run a featdiv_jax sweep on a Cloud TPU VM, on ALL of its workers at once (a pod slice runs one
+# process per worker; featdiv_jax.main joins them with jax.distributed on its own).
+#
+# Usage: launch/tpu_vm.sh --name TPU --zone ZONE [options] -- SWEEP ARGS
+#
+# Steps (each a `gcloud compute tpus tpu-vm` command; --dry-run prints them and runs nothing):
+#   1. copy:  pack this checkout (no .venv/.git/runs) and `tpu-vm scp` it to every worker
+#             (or, with --repo URL, `git clone` it on every worker in step 2)
+#   2. setup: unpack into --remote-dir, python3 -m venv .venv, pip install -e ".[tpu]"
+#   3. data:  python -m featdiv_jax.sweep prepare (TFDS download_and_prepare of the grid's data
+#             sets into --data-dir; on worker 0 only when it is a gs:// bucket, else on all)
+#   4. run:   python -m featdiv_jax.sweep run SWEEP ARGS on all workers, in the background
+#             (nohup, log in --remote-dir/sweep.log) unless --foreground
+#
+# SWEEP ARGS are those of `python -m featdiv_jax.sweep run` (--sweep-dir, --datasets, --variants,
+# --archs, --seeds, --extra, --main-flag, --keep-going). On a multi-worker slice --sweep-dir must
+# be on a file system all workers share (e.g. a Filestore/NFS mount), so that every worker skips
+# and resumes the same runs.
+#
+# Options:
+#   --name TPU          TPU VM name (required)
+#   --zone ZONE         its zone (required)
+#   --project PROJECT   gcloud project (default: gcloud's configured one)
+#   --data-dir DIR      TFDS data dir, e.g. gs://BUCKET/tfds (default: TFDS's ~/tensorflow_datasets)
+#   --remote-dir DIR    checkout on the workers, relative to home (default: featdiv_jax)
+#   --repo URL          git clone URL on the workers instead of copying this checkout
+#   --ref REF           branch / tag / commit to check out with --repo (default: the default branch)
+#   --steps LIST        comma-separated subset of copy,setup,data,run (default: all)
+#   --foreground        keep the ssh session attached until the sweep ends
+#   --dry-run           print the commands, run nothing
+#   -h, --help          this help
+#
+# Examples:
+#   launch/tpu_vm.sh --name v4-32 --zone us-central2-b --dry-run -- \
+#     --sweep-dir /mnt/nfs/sweep --datasets cifar10,caltech101 --seeds 0,1,2
+#   launch/tpu_vm.sh --name v4-8 --zone us-central2-b --data-dir gs://my-bucket/tfds -- \
+#     --sweep-dir sweeps/c10 --datasets cifar10 --archs seresnet18,seresnet34
+#   launch/tpu_vm.sh --name v4-8 --zone us-central2-b --steps run -- --sweep-dir sweeps/c10 --datasets cifar10
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
+die() { echo "tpu_vm.sh: error: $*" >&2; echo "Run launch/tpu_vm.sh --help for usage." >&2; exit 2; }
+# Shell-quote one word only when it needs it, so printed commands stay readable.
+quote() {
+  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"
+  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+}
+show() { local out="" a; for a in "$@"; do out+="$(quote "$a") "; done; printf '%s\n' "${out% }"; }
+step() { if [ "$dry_run" = 1 ]; then show "$@"; else echo "+ $(show "$@")" >&2; "$@"; fi; }
+wants() { [[ ",$steps," == *",$1,"* ]]; }
+
+name="" zone="" project="" data_dir="" remote_dir="featdiv_jax" repo="" ref="" steps="copy,setup,data,run"
+foreground=0 dry_run=0
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --name|--zone|--project|--data-dir|--remote-dir|--repo|--ref|--steps)
+      [ "$#" -ge 2 ] || die "$1 needs a value"
+      case "$1" in
+        --name) name=$2 ;; --zone) zone=$2 ;; --project) project=$2 ;; --data-dir) data_dir=$2 ;;
+        --remote-dir) remote_dir=$2 ;; --repo) repo=$2 ;; --ref) ref=$2 ;; --steps) steps=$2 ;;
+      esac
+      shift 2 ;;
+    --foreground) foreground=1; shift ;;
+    --dry-run) dry_run=1; shift ;;
+    --) shift; break ;;
+    *) die "unknown option '$1' (sweep arguments go after --)" ;;
+  esac
+done
+[ -n "$name" ] || die "--name TPU is required"
+[ -n "$zone" ] || die "--zone ZONE is required"
+[ "$#" -gt 0 ] || die "no sweep arguments after -- (at least --sweep-dir DIR)"
+for s in ${steps//,/ }; do
+  case "$s" in copy|setup|data|run) ;; *) die "unknown step '$s' in --steps; valid: copy, setup, data, run" ;; esac
+done
+if [ "$dry_run" = 0 ] && ! command -v gcloud > /dev/null; then
+  die "gcloud not found: install the Google Cloud CLI (https://cloud.google.com/sdk) or use --dry-run"
+fi
+
+sweep_args=("$@")
+if [ -n "$data_dir" ]; then
+  sweep_args+=("--main-flag=--config.dataset.data_dir=$data_dir")
+fi
+where=(--zone "$zone")
+if [ -n "$project" ]; then where+=(--project "$project"); fi
+tpu=(gcloud compute tpus tpu-vm)
+tarball="${TMPDIR:-/tmp}/featdiv_jax-src.tar.gz"
+# Check the sweep arguments here first (when this checkout's Python can), and list the runs.
+local_py=${PYTHON:-$root/.venv/bin/python}
+[ -x "$local_py" ] || local_py=python3
+runs=""
+if (cd "$root" && "$local_py" -c 'import featdiv_jax.sweep' 2> /dev/null); then
+  runs=$(cd "$root" && "$local_py" -m featdiv_jax.sweep commands --python .venv/bin/python "${sweep_args[@]}") || exit 2
+fi
+
+if [ "$dry_run" = 1 ]; then echo "# launch/tpu_vm.sh --dry-run: nothing is run"; fi
+if wants copy && [ -z "$repo" ]; then
+  step tar -C "$root" -czf "$tarball" --exclude=./.venv --exclude=./.git --exclude=./runs \
+    --exclude=__pycache__ --exclude='*.egg-info' .
+  step "${tpu[@]}" scp "$tarball" "$name:featdiv_jax-src.tar.gz" --worker=all "${where[@]}"
+fi
+if wants setup; then
+  if [ -n "$repo" ]; then
+    fetch="{ [ -d $(quote "$remote_dir")/.git ] || git clone $(quote "$repo") $(quote "$remote_dir"); }"
+    if [ -n "$ref" ]; then
+      fetch+=" && git -C $(quote "$remote_dir") fetch -q origin && git -C $(quote "$remote_dir") checkout -q $(quote "$ref")"
+    fi
+  else
+    fetch="mkdir -p $(quote "$remote_dir") && tar -xzf featdiv_jax-src.tar.gz -C $(quote "$remote_dir")"
+  fi
+  setup="set -e; $fetch && cd $(quote "$remote_dir") && { [ -x .venv/bin/python ] || python3 -m venv .venv; } && .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[tpu]'"
+  step "${tpu[@]}" ssh "$name" --worker=all "${where[@]}" --command "$setup"
+fi
+if wants data; then
+  data_workers=all
+  if [[ $data_dir == gs://* ]]; then data_workers=0; fi
+  prep="$(show .venv/bin/python -m featdiv_jax.sweep prepare --data-dir "$data_dir" "${sweep_args[@]}")"
+  step "${tpu[@]}" ssh "$name" --worker="$data_workers" "${where[@]}" --command "cd $(quote "$remote_dir") && $prep"
+fi
+if wants run; then
+  sweep="$(show .venv/bin/python -m featdiv_jax.sweep run "${sweep_args[@]}")"
+  if [ "$foreground" = 1 ]; then
+    remote="cd $(quote "$remote_dir") && $sweep"
+  else
+    remote="cd $(quote "$remote_dir") && nohup $sweep > sweep.log 2>&1 < /dev/null & echo \"sweep started on \$(hostname): tail -f $remote_dir/sweep.log\""
+  fi
+  step "${tpu[@]}" ssh "$name" --worker=all "${where[@]}" --command "$remote"
+  if [ "$dry_run" = 1 ] && [ -n "$runs" ]; then
+    # What each worker's sweep then runs, one run after another (for reading only).
+    echo "# each worker's sweep then runs, skipping finished runs (from ~/$remote_dir):"
+    while IFS= read -r line; do echo "#   $line"; done <<< "$runs"
+  fi
+fi
