@@ -26,7 +26,7 @@ want="$(cat "$root/pyproject.toml" | cksum) extras=$extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "featdiv_jax: installing the project into $venv (first run takes a few minutes)" >&2
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
-  "$venv/bin/python" -m pip install -q -e "$root[$extras]" >&2
+  "$venv/bin/python" -m pip install -q -e "${root}[$extras]" >&2
   echo "$want" > "$stamp"
 fi
 cd "$root"
