@@ -1,0 +1,188 @@
+"""Two real processes: `jax.distributed` on 127.0.0.1 with CPU (gloo) collectives, one shared
+workdir, each process reading its own slice of the data -- the code path of a TPU pod slice or
+a multi-node GPU job -- against one process with the same devices and the same global batches.
+
+Why the one-process reference is fed the two processes' slices: the pipeline gives each process
+its own shard of the split (shuffled within the shard), so a 2-process global batch is process
+0's local batch followed by process 1's, not the batch one process would draw from the whole
+split. The reference runs the same entry point (`featdiv_jax.main.main`) in one process with as
+many devices, its `data.train_batches` replaced by that concatenation; everything else (eval
+over the whole split, mesh, jit, checkpoints, results.json) is the unchanged one-process path.
+So any difference is the multi-process machinery: global arrays from process-local data,
+cross-process collectives, eval padding and aggregation, multi-process orbax saves.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from featdiv_jax import data
+from tests_util import ROOT, load_config
+
+CONFIG = "--config=configs/digits.py:multi_cos,smoke"
+TIMEOUT_S = 240  # per run; a healthy one takes a fraction of this
+# Observed: train metrics and the whole final state (params, BN statistics, optimizer moments)
+# bit-identical; eval metrics within ~1e-7, as eval batches are grouped differently (padded
+# per-process shards vs one stream) and summed in another order. A real fault (a batch in the
+# wrong order, which changes the dropout masks, or a missing cross-process reduction) moves the
+# losses by ~1e-2; the margin is for reduction order on other CPUs and XLA versions.
+RTOL, ATOL = 1e-5, 1e-6
+
+# The one-process reference: main.main unchanged, the train stream made of both processes' slices.
+REFERENCE = r"""
+import sys
+import numpy as np
+from absl import app
+from featdiv_jax import data, main
+
+one_process = data.train_batches
+
+def two_slices(dc, *, global_batch_size, seed, start_step=0, process_index=None,
+               process_count=None):
+  slices = [one_process(dc, global_batch_size=global_batch_size, seed=seed,
+                        start_step=start_step, process_index=p, process_count=2) for p in (0, 1)]
+  for parts in zip(*slices):
+    yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+data.train_batches = two_slices
+sys.argv[0] = "featdiv_jax.main"
+app.run(main.main, flags_parser=main._cli_flags_parser)
+"""
+
+
+def free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def env_with(devices: int) -> dict:
+  """The test session's env (conftest: rbg PRNG, compilation cache) with `devices` CPU devices.
+
+  XLA's backend optimisations are off: the runs compile in about half the time on the 2-core CI
+  machine, and both sides of the comparison are compiled the same way.
+  """
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+  for name in ("FEATDIV_FAULT", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+               "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+    env.pop(name, None)
+  return env
+
+
+def start(args, env, log: pathlib.Path):
+  out = open(log, "w")  # a file, not a pipe: a chatty process can never block on a full pipe
+  proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out,
+                          stderr=subprocess.STDOUT, text=True)
+  out.close()
+  return proc
+
+
+def tail(log: pathlib.Path, n: int = 4000) -> str:
+  return log.read_text(errors="replace")[-n:] if log.exists() else "<no output>"
+
+
+def wait_all(procs: dict, timeout: float) -> dict:
+  """{name: returncode}; on a timeout every process still running is killed and the test fails
+  with each one's output tail (a dead peer leaves the other blocked in a collective)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline and any(p.poll() is None for p, _ in procs.values()):
+    if any(p.poll() not in (None, 0) for p, _ in procs.values()):
+      break  # one failed: its peer would wait for it until the timeout
+    time.sleep(0.2)
+  hung = [name for name, (p, _) in procs.items() if p.poll() is None]
+  for name in hung:
+    procs[name][0].kill()
+  codes = {name: p.wait(timeout=30) for name, (p, _) in procs.items()}
+  if hung or any(codes.values()):
+    report = "\n".join(f"===== {name}: exit {codes[name]}{' (killed: hung)' if name in hung else ''}"
+                       f"\n{tail(log)}" for name, (_, log) in procs.items())
+    pytest.fail(f"runs did not all finish cleanly (limit {timeout:.0f} s):\n{report}")
+  return codes
+
+
+def restore_params(workdir: pathlib.Path, step: int) -> dict:
+  """The saved train state of `step` as host NumPy arrays, whatever mesh wrote it."""
+  import jax
+  import orbax.checkpoint as ocp
+  path = workdir / "checkpoints" / str(step) / "state"
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+    return jax.tree.map(np.asarray, ckptr.restore(path, target))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """Digits prepared once, before the runs. Two processes preparing the same empty TFDS dir at
+  once race: the second to finish fails renaming its `incomplete.*` dir (FileExistsError)."""
+  d = str(tmp_path_factory.mktemp("tfds"))
+  data.dataset_info(load_config("digits", "multi_cos,smoke", **{"dataset.data_dir": d}).dataset)
+  return d
+
+
+def test_two_processes_agree_with_one_process(data_dir, tmp_path):
+  # Eval batches of 40 (20 per process): 9 per eval instead of 45.
+  flags = [CONFIG, f"--config.dataset.data_dir={data_dir}", "--config.eval_batch_size=40"]
+  ref_dir, dist_dir = tmp_path / "one_process", tmp_path / "two_processes"
+  address = f"127.0.0.1:{free_port()}"
+  procs = {
+      "reference (1 process, 2 devices)": (
+          start(["-c", REFERENCE, *flags, f"--workdir={ref_dir}"], env_with(2),
+                tmp_path / "reference.log"),
+          tmp_path / "reference.log"),
+  }
+  for i in (0, 1):
+    log = tmp_path / f"process{i}.log"
+    procs[f"process {i} of 2"] = (
+        start(["-m", "featdiv_jax.main", *flags, f"--workdir={dist_dir}",
+               f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+              env_with(1), log), log)
+  wait_all(procs, TIMEOUT_S)
+
+  # Really one job of two processes, not two independent one-process runs.
+  for i in (0, 1):
+    assert f"jax.distributed: process {i} of 2" in tail(tmp_path / f"process{i}.log", 10**7), \
+        tail(tmp_path / f"process{i}.log")
+
+  # Only process 0 prints the summary table and writes results.json (whole, no temporaries left) into the shared workdir.
+  logs = [(tmp_path / f"process{i}.log").read_text(errors="replace") for i in (0, 1)]
+  assert "multi_cos" in logs[0].split("variant     heads")[-1] and "variant     heads" not in logs[1]
+  assert not list(dist_dir.glob("results.json.tmp*"))
+  got = json.loads((dist_dir / "results.json").read_text())
+  want = json.loads((ref_dir / "results.json").read_text())
+  assert got["finished"] and want["finished"] and got["step"] == want["step"] == 6
+  assert got["num_params"] == want["num_params"]
+  assert [h["step"] for h in got["history"]] == [h["step"] for h in want["history"]] == [3, 6]
+  for g, w in zip(got["history"], want["history"]):
+    assert g["eval_count"] == w["eval_count"] == 360  # every test example once, padding masked
+    for key in ("train_loss", "train_accuracy", "train_head_cosine", "eval_loss",
+                "eval_accuracy", "eval_head_cosine"):
+      np.testing.assert_allclose(g[key], w[key], rtol=RTOL, atol=ATOL,
+                                 err_msg=f"step {g['step']} {key}")
+  np.testing.assert_allclose(got["eval_head_cosine_matrix"], want["eval_head_cosine_matrix"],
+                             rtol=RTOL, atol=ATOL)
+
+  # The multi-process orbax save holds the same final state as the one-process save.
+  steps = lambda d: sorted(int(p.name) for p in (d / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps(dist_dir) == steps(ref_dir) == [3, 6]
+  # Each process wrote its part of the save (orbax's per-process OCDBT stores), process 0 the rest.
+  assert {p.name for p in (dist_dir / "checkpoints/6/state").glob("ocdbt.process_*")} == \
+      {"ocdbt.process_0", "ocdbt.process_1"}
+  got_state, want_state = restore_params(dist_dir, 6), restore_params(ref_dir, 6)
+  import jax
+  paths = lambda t: [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(t)]
+  assert paths(got_state) == paths(want_state)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_state),
+                          jax.tree.leaves(want_state)):
+    np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=jax.tree_util.keystr(path))
