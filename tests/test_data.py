@@ -422,3 +422,21 @@ def test_an_unknown_split_names_the_config_field(dc, small_folder):
   with pytest.raises(data.DatasetError, match=r"dataset\.train_split='val' is invalid.*train"):
     data.dataset_info(make_config(name="imagefolder", data_dir=str(small_folder),
                                   train_split="val"))
+
+
+def test_preparing_a_data_dir_another_process_just_prepared_is_not_an_error():
+  from featdiv_jax.data import sources
+
+  class Builder:
+    def __init__(self, done):
+      self.done = done
+
+    def download_and_prepare(self, **kwargs):
+      raise FileExistsError("Cannot rename incomplete.x: destination 1.0.0 already exists")
+
+    def is_prepared(self):
+      return self.done
+
+  sources.prepare_once(Builder(done=True))  # the other process won the rename: fine
+  with pytest.raises(FileExistsError):
+    sources.prepare_once(Builder(done=False))  # a real failure still surfaces

@@ -51,12 +51,24 @@ def open_source(dc):
     if not builder.is_prepared():
       # Nothing to download (the data ships with scikit-learn); skip TFDS's GCS lookup, which
       # would need the network.
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      prepare_once(builder, download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   else:
     builder = tfds.builder(name, data_dir=data_dir)
     _prepare(builder, name, bool(getattr(dc, "download", False)))
   return TfdsSource(builder)
+
+
+def prepare_once(builder, **kwargs) -> None:
+  """`download_and_prepare` that tolerates another process finishing the same data dir first.
+
+  Processes of a multi-host job (or runs sharing a data dir) may prepare it at once; TFDS then
+  fails the later rename with FileExistsError although the data set is complete.
+  """
+  try:
+    builder.download_and_prepare(**kwargs)
+  except FileExistsError:
+    if not builder.is_prepared():
+      raise
 
 
 def _tfds_mocked() -> bool:
@@ -75,7 +87,7 @@ def _prepare(builder, name: str, download: bool):
     raise DatasetError(f"dataset {name!r} is not prepared in data dir {root!r} and dataset.download "
                        f"is False. {how}, or pass --config.dataset.download=True to download it here.")
   try:
-    builder.download_and_prepare()
+    prepare_once(builder)
   except (OSError, tfds.download.DownloadError, ImportError) as e:  # requests errors are OSErrors
     raise DatasetError(f"could not download and prepare {name!r} into data dir {root!r}: "
                        f"{type(e).__name__}: {e}. {how}.") from e
