@@ -92,7 +92,7 @@ def main():
   p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
   p.add_argument("--stem", choices=["imagenet", "cifar"], default="imagenet")
   p.add_argument("--heads-impl", choices=["vmap", "loop"], help="ignored: torch loops over heads")
-  p.add_argument("--conv-impl", choices=["auto", "xla", "im2col"], help="ignored")
+  p.add_argument("--conv-impl", choices=["auto", "xla", "im2col", "unrolled"], help="ignored")
   p.add_argument("--memory-format", choices=["channels_last", "contiguous"],
                  default="channels_last", help="of weights and input; channels_last measured "
                  "faster on cuda and on the 2-core cpu")

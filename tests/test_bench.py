@@ -40,3 +40,28 @@ def test_bad_bench_arguments_exit_with_a_message():
     bench.parse_args(["--heads", "0"])
   with pytest.raises(SystemExit):
     bench.parse_args(["--arch", "resnet9"])
+
+
+def test_bench_compares_variants_interleaved_and_reports_ratios(tmp_path, capsys):
+  path = tmp_path / "r.json"
+  assert bench.main(["--arch", "seresnet_tiny", "--heads", "2", "--image-size", "32",
+                     "--batch", "8", "--steps", "2", "--warmup", "1", "--rounds", "2",
+                     "--vs", "no_penalty=1", "--vs", "heads_impl=loop", "--json", str(path)]) == 0
+  r = json.loads(path.read_text())
+  rows = {row["name"]: row for row in r["comparison"]}
+  assert list(rows) == ["base", "no_penalty=1", "heads_impl=loop"]
+  assert rows["base"]["penalty"] and not rows["no_penalty=1"]["penalty"]
+  assert rows["heads_impl=loop"]["heads_impl"] == "loop"
+  assert all(row["timed_steps"] == 4 for row in rows.values())  # 2 rounds x 2 steps each
+  assert rows["base"]["base_over_this"] == 1.0
+  assert rows["no_penalty=1"]["base_over_this"] == pytest.approx(
+      r["step_ms_median"] / rows["no_penalty=1"]["step_ms_median"])
+  assert "this / base time" in capsys.readouterr().out
+
+
+def test_bench_refuses_a_variant_that_names_no_flag():
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--vs", "headz=3"])
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--vs", "heads_impl"])
+  assert bench.variant_args(bench.parse_args([]), "heads=4").heads == 4

@@ -1,0 +1,97 @@
+r"""Input pipeline throughput against the training step's, on one machine in one run.
+
+  python benchmarks/input_pipeline.py --config digits  [--batches 60] [--no-step]
+  python benchmarks/input_pipeline.py --config cifar10 [--examples 5000]
+
+Times `featdiv_jax.data.train_batches` (read, shuffle, decode, augment, batch: the training
+loop's own stream) for the config's default variant at its batch size, then one training step
+of the same shapes with `featdiv_jax.bench` (unless `--no-step`), and prints both in images/s
+and their ratio: above 1, the pipeline outruns the step.
+
+`digits` reads the embedded data set. CIFAR-10 needs a download, so `cifar10` writes
+`--examples` random 32x32 PNGs (CIFAR-10's size and encoding in TFDS) into an image folder and
+runs the cifar10 config's pipeline (pad-4 crop, flip, normalise) on it. Runs on CPU.
+"""
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("multi_cos")
+  config.unlock()
+  return config
+
+
+def write_pngs(root: str, examples: int, size: int = 32, classes: int = 10) -> None:
+  """`examples` random PNG images in root/train/<class>/ (and a small root/test/)."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for split, n in (("train", examples), ("test", classes)):
+    for i in range(n):
+      folder = os.path.join(root, split, f"c{i % classes}")
+      os.makedirs(folder, exist_ok=True)
+      pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+      Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
+
+
+def time_pipeline(config, batches: int, warmup: int = 5) -> float:
+  """Images/s of the training stream, after `warmup` batches (tf.data fills its buffers)."""
+  from featdiv_jax import data
+  it = data.train_batches(config.dataset, global_batch_size=config.batch_size, seed=0)
+  for _ in range(warmup):
+    next(it)
+  t = time.perf_counter()
+  for _ in range(batches):
+    batch = next(it)
+  seconds = time.perf_counter() - t
+  assert batch["image"].shape[0] == config.batch_size
+  return batches * config.batch_size / seconds
+
+
+def time_step(config) -> float:
+  from featdiv_jax import bench
+  m = config.model
+  args = bench.parse_args([
+      "--arch", m.arch, "--heads", str(m.num_heads), "--image-size",
+      str(config.dataset.image_size), "--batch", str(config.batch_size), "--stem", m.stem,
+      "--steps", "5", "--dtype", m.dtype])
+  return bench.run(args)["img_per_s"]
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", choices=["digits", "cifar10"], default="digits")
+  p.add_argument("--batches", type=int, default=60, help="timed batches")
+  p.add_argument("--examples", type=int, default=5000, help="cifar10: synthetic PNGs to write")
+  p.add_argument("--no-step", action="store_true", help="time the pipeline only")
+  args = p.parse_args(argv)
+  config = load_config(args.config)
+  with tempfile.TemporaryDirectory() as tmp:
+    if args.config == "cifar10":
+      write_pngs(tmp, args.examples)
+      config.dataset.name, config.dataset.data_dir = "imagefolder", tmp
+    pipeline = time_pipeline(config, args.batches)
+  print(f"{args.config}: input pipeline {pipeline:,.0f} img/s (batch {config.batch_size}, "
+        f"{os.cpu_count()} CPUs)", flush=True)
+  if not args.no_step:
+    step = time_step(config)
+    print(f"{args.config}: training step {step:,.0f} img/s ({config.model.arch}, "
+          f"{config.model.num_heads} heads, {config.dataset.image_size}px, {config.model.stem} "
+          f"stem); pipeline / step = {pipeline / step:.1f}x", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
