@@ -63,7 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.hidden = 512                # width of the MLP classifier
   c.model.dropout = 0.5               # dropout in the MLP classifier
   c.model.stem = "imagenet"           # imagenet (timm's 7x7/2 + max-pool) | cifar (3x3/1)
-  c.model.dtype = "float32"           # compute dtype; bfloat16 keeps float32 params
+  c.model.dtype = "auto"              # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU (params stay float32)
   c.model.conv_impl = "auto"          # xla (lax conv) | im2col (slices + matmul) | auto (by backend)
   c.model.init_from = ""              # a timm .safetensors / .npz to load into init_heads
   c.model.init_heads = (0,)           # heads that receive init_from
@@ -176,7 +176,7 @@ def model_signature(c) -> dict:
           "dataset.image_size": c.dataset.image_size, "optimizer.name": c.optimizer.name}
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 CONV_IMPLS = ("auto", "xla", "im2col")
 # Smallest input each stem turns into at least a 1x1 final map by design (total stride).
 MIN_IMAGE_SIZE = {"imagenet": 32, "cifar": 8}

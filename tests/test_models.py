@@ -280,3 +280,10 @@ def test_conv_impl_auto_picks_im2col_on_cpu_and_rejects_unknown():
   assert models.backbone_fields("seresnet18")["conv_impl"] == "im2col"  # tests run on CPU
   with pytest.raises(ValueError, match="conv_impl='fft'"):
     abstract_init(create_model("seresnet_tiny", 3, conv_impl="fft"))
+
+
+def test_dtype_auto_is_float32_on_cpu_and_bfloat16_on_accelerators(monkeypatch):
+  assert models.backbone_fields("seresnet18", dtype="auto")["dtype"] == jnp.float32
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert models.backbone_fields("seresnet18", dtype="auto")["dtype"] == jnp.bfloat16
+  assert models.backbone_fields("seresnet18", dtype="float32")["dtype"] == jnp.float32
