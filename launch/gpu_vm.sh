@@ -34,16 +34,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
-die() { echo "gpu_vm.sh: error: $*" >&2; echo "Run launch/gpu_vm.sh --help for usage." >&2; exit 2; }
-# Shell-quote one word only when it needs it, so printed commands stay readable.
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-show() { local out="" a; for a in "$@"; do out+="$(quote "$a") "; done; printf '%s\n' "${out% }"; }
-step() { if [ "$dry_run" = 1 ]; then show "$@"; else echo "+ $(show "$@")" >&2; "$@"; fi; }
-wants() { [[ ",$steps," == *",$1,"* ]]; }
+# shellcheck source=_common.sh
+source "$root/launch/_common.sh"
 
 host="" remote_dir="featdiv_jax" extras="cuda12" data_dir="" steps="copy,setup,data,run"
 foreground=0 dry_run=0 ssh_opts=()

@@ -35,13 +35,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
-die() { echo "slurm.sh: error: $*" >&2; echo "Run launch/slurm.sh --help for usage." >&2; exit 2; }
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-show() { local out="" a; for a in "$@"; do out+="$(quote "$a") "; done; printf '%s\n' "${out% }"; }
+# shellcheck source=_common.sh
+source "$root/launch/_common.sh"
 positive() { [[ $2 =~ ^[0-9]+$ ]] && [ "$2" -ge "$3" ] || die "$1 must be an integer >= $3, got '$2'"; }
 
 nodes=1 gpus=1 cpus="" partition="" time_limit="" account="" job_name="featdiv-sweep"
