@@ -270,3 +270,37 @@ def test_missing_runs_inferred_without_sweep_json_and_epochs_from_steps(tmp_path
   assert row(flowers_sec, "multi_cos")[-1] == "47.35"  # the paper's 2 heads + cosine seresnet34
   flowers = report.load_runs(report.find_results([str(tmp_path / "extra")]), print)
   assert flowers[0].epochs == [1.0, 2.0, 3.0, 4.0]  # step / steps_per_epoch, no epoch key
+
+
+def test_report_on_a_real_sweep_of_smoke_runs(tmp_path):
+  """The sweep runs real (smoke) trainings; the report's numbers are theirs, missing runs listed."""
+  sweep_dir = tmp_path / "sweep"
+  grid = ["--sweep-dir", str(sweep_dir), "--datasets", "digits", "--archs", "seresnet_tiny",
+          "--extra", "smoke", f"--main-flag=--config.dataset.data_dir={tmp_path / 'tfds'}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
+  env.pop("FEATDIV_FAULT", None)
+  cli = lambda *a: subprocess.run([sys.executable, "-m", "featdiv_jax.sweep", *a], cwd=REPO,
+                                  env=env, capture_output=True, text=True, timeout=600)
+  r = cli("run", *grid, "--variants", "multi,multi_cos", "--seeds", "0,1")
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  assert cli("plan", *grid, "--variants", "single", "--seeds", "0").returncode == 0  # not run
+
+  assert report.main([str(sweep_dir)]) == 0
+  for name in ("comparison.png", "curves.png", "diversity.png"):
+    assert (sweep_dir / name).read_bytes()[:8] == PNG_SIGNATURE
+  md = (sweep_dir / "report.md").read_text()
+  runs = {(v, s): json.loads((sweep_dir / "digits" / "seresnet_tiny" / v / f"seed{s}" /
+                              "results.json").read_text())
+          for v in ("multi", "multi_cos") for s in (0, 1)}
+  assert all(r_["finished"] and r_["config"]["smoke"] for r_ in runs.values())
+  for v in ("multi", "multi_cos"):
+    best = [100 * runs[v, s]["best_eval_accuracy"] for s in (0, 1)]
+    row = next(line for line in md.splitlines() if line.startswith(f"| {v} |"))
+    assert report.fmt_pm((np.mean(best), np.std(best, ddof=1), 2)) in row
+    assert f"{runs[v, 0]['num_params']:,}" in row
+  diffs = [100 * (runs["multi_cos", s]["best_eval_accuracy"] - runs["multi", s]["best_eval_accuracy"])
+           for s in (0, 1)]
+  best_row = next(line for line in md.splitlines() if line.startswith("| best acc |"))
+  assert f"{np.mean(diffs):+.2f}" in best_row and "| 2 |" in best_row
+  missing = md[md.index("## Missing"):]
+  assert "single" in missing and "seed 0" in missing
