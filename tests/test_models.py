@@ -200,6 +200,46 @@ def test_one_head_pool_linear_is_exactly_the_single_seresnet():
   np.testing.assert_allclose(logits, jax.jit(single.apply)(sv, X), atol=1e-5)
 
 
+@pytest.mark.parametrize("frozen", [(), (0,)])
+def test_one_head_trains_like_the_single_seresnet_without_a_size_one_vmap(frozen):
+  """K=1 keeps the stacked variables but skips nn.vmap: same loss, gradients, BN updates."""
+  single = create_model("seresnet_tiny", 10, stem="cifar")
+  sv = jax.jit(single.init)(jax.random.key(7), X)
+  sv = jax.tree.map(lambda a: a + 0.3 * jax.random.uniform(jax.random.key(3), a.shape), sv)
+  net = create_multihead("seresnet_tiny", 1, 10, classifier="pool_linear", stem="cifar",
+                         frozen_heads=frozen)
+  mv = place_head(jax.jit(net.init)(jax.random.key(0), X), sv, 0)
+  mv["params"]["fc"] = sv["params"]["fc"]
+  y = np.arange(X.shape[0]) % 10
+
+  def multi_loss(params):
+    (logits, feats), new = net.apply({"params": params, "batch_stats": mv["batch_stats"]}, X,
+                                     True, mutable=["batch_stats"])
+    assert feats.shape[0] == 1
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
+
+  def single_loss(params):  # a frozen head normalises with its running statistics
+    logits, new = single.apply({"params": params, "batch_stats": sv["batch_stats"]}, X,
+                               not frozen, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
+
+  (lm, newm), gm = jax.jit(jax.value_and_grad(multi_loss, has_aux=True))(mv["params"])
+  (ls, news), gs = jax.jit(jax.value_and_grad(single_loss, has_aux=True))(sv["params"])
+  np.testing.assert_allclose(lm, ls, rtol=1e-6)
+  close = functools.partial(np.testing.assert_allclose, atol=1e-5, rtol=1e-5)
+  jax.tree.map(close, gm["fc"], gs["fc"])
+  head_grads = jax.tree.map(lambda a: a[0], gm["heads"])
+  if frozen:  # a frozen head passes no gradient and keeps its statistics
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(head_grads))
+    jax.tree.map(np.testing.assert_array_equal, newm["batch_stats"], mv["batch_stats"])
+  else:
+    jax.tree.map(close, head_grads, {k: v for k, v in gs.items() if k != "fc"})
+    jax.tree.map(close, extract_head(newm, 0)["batch_stats"], news["batch_stats"])
+  dots = [l for l in jax.jit(multi_loss).lower(mv["params"]).as_text().splitlines()
+          if "dot_general" in l]
+  assert dots and not any("batching_dims" in l for l in dots)  # no size-1 vmap left
+
+
 def test_place_head_rejects_a_different_arch():
   _, mv = init_multi(2)
   ov = abstract_init(create_model("seresnet_tiny_bottleneck", 10, stem="cifar"))
