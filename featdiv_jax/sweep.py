@@ -11,7 +11,7 @@ Each run trains in SWEEP_DIR/<dataset>/<arch>/<variant>/seed<N> with
 `run` skips runs whose results.json says finished and re-runs (= resumes from the checkpoints)
 interrupted ones. SWEEP_DIR/sweep.json lists every run planned in the directory (the union of
 every grid planned there). Only the standard library and featdiv_jax.configlib are imported
-here (no jax, no TensorFlow); `prepare` imports tensorflow_datasets when it needs to build data.
+here (no jax, no TensorFlow); `prepare` calls the data module (TensorFlow) to build data.
 """
 
 import argparse
@@ -345,10 +345,14 @@ def prepare(runs: list, data_dir: str) -> int:
   if not names:
     log("nothing to prepare (only embedded data sets)")
     return 0
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from featdiv_jax.data import sources  # TensorFlow: only the data module imports it
   for name in names:
     log(f"preparing {name} in {data_dir or 'the TFDS default data dir'}")
-    tfds.builder(name, data_dir=data_dir or None).download_and_prepare()
+    try:
+      sources.download_and_prepare(name, data_dir)
+    except sources.DatasetError as e:
+      print(f"featdiv_jax.sweep: error: {e}", file=sys.stderr)
+      return 1
   return 0
 
 

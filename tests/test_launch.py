@@ -268,3 +268,30 @@ def test_local_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path):
   assert "resume digits/seresnet_tiny/multi_cos/seed0" in r.stdout
   assert "1 ran to the end" in r.stdout
   assert json.loads(results.read_text())["finished"] is True
+
+
+def test_prepare_builds_data_through_the_data_module_and_reports_failures(monkeypatch, capsys):
+  from featdiv_jax.data import sources
+  calls = []
+
+  class Builder:
+    data_dir_root = "/nowhere"
+
+    def __init__(self, name, fail):
+      self.name, self.fail = name, fail
+
+    def is_prepared(self):
+      return False
+
+    def download_and_prepare(self, **kwargs):
+      calls.append(self.name)
+      if self.fail:
+        raise OSError("no network")
+
+  runs = sweep.expand("sw", "digits,cifar10,caltech101", "multi", "seresnet18", "0")
+  monkeypatch.setattr(sources.tfds, "builder",
+                      lambda name, data_dir=None: Builder(name, fail=name == "caltech101"))
+  assert sweep.prepare(runs, "/data") == 1
+  assert calls == ["cifar10", "caltech101"]  # digits ships with scikit-learn: nothing to build
+  err = capsys.readouterr().err
+  assert "could not download and prepare 'caltech101'" in err and "no network" in err

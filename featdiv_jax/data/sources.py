@@ -71,6 +71,12 @@ def prepare_once(builder, **kwargs) -> None:
       raise
 
 
+def download_and_prepare(name: str, data_dir: Optional[str] = None) -> None:
+  """Downloads and prepares TFDS data set `name` into `data_dir` (needs the network); a
+  data set already prepared there is left as it is. Raises DatasetError naming what failed."""
+  _prepare(tfds.builder(name, data_dir=data_dir or None), name, download=True)
+
+
 def _tfds_mocked() -> bool:
   # Under tfds.testing.mock_data nothing is ever prepared and download_and_prepare is a no-op.
   fn = tfds.core.DatasetBuilder.download_and_prepare
