@@ -14,7 +14,6 @@ runs the cifar10 config's pipeline (pad-4 crop, flip, normalise) on it. Runs on 
 """
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -26,10 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("multi_cos")
+  from featdiv_jax import configlib
+  config = configlib.load_config_file(os.path.join(ROOT, "configs", f"{name}.py"), "multi_cos")
   config.unlock()
   return config
 

@@ -6,7 +6,9 @@ common fields by short name and shrinks everything for a quick CPU run. Any fiel
 with `--config.field=value`.
 """
 
+import importlib.util
 import math
+import os
 
 import ml_collections
 
@@ -117,6 +119,16 @@ def _field(c, dotted):
   for p in parents:
     c = c[p]
   return c, leaf
+
+
+def load_config_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file such as configs/digits.py, loaded by path."""
+  path = os.fspath(path)
+  spec = importlib.util.spec_from_file_location(
+      "_featdiv_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

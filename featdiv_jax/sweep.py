@@ -10,14 +10,12 @@ Each run trains in SWEEP_DIR/<dataset>/<arch>/<variant>/seed<N> with
 `python -m featdiv_jax.main --config=configs/<file>.py:<variant>[,extra...],arch=<arch>,seed=<N>`.
 `run` skips runs whose results.json says finished and re-runs (= resumes from the checkpoints)
 interrupted ones. SWEEP_DIR/sweep.json lists every run planned in the directory (the union of
-every grid planned there). Only the standard library and featdiv_jax.configlib are imported
-here (no jax, no TensorFlow); `prepare` calls the data module (TensorFlow) to build data.
+every grid planned there). Imports no TensorFlow (`prepare` calls the data module for that); jax only to list the
+model names.
 """
 
 import argparse
-import ast
 import datetime
-import importlib.util
 import json
 import os
 import pathlib
@@ -40,10 +38,6 @@ DATASET_CONFIGS = {
 }
 EMBEDDED_DATASETS = ("digits",)  # ship with scikit-learn: nothing to download or prepare
 SWEEP_FILE = "sweep.json"
-# Fallback when featdiv_jax/models/resnet.py cannot be read (models imports jax, so its ARCHS
-# dict is read from the source instead of imported).
-_KNOWN_ARCHS = ("seresnet18", "seresnet34", "seresnet50", "seresnet101", "seresnet152",
-                "seresnet_tiny", "seresnet_tiny_bottleneck")
 
 
 class SweepError(ValueError):
@@ -51,19 +45,9 @@ class SweepError(ValueError):
 
 
 def archs() -> tuple:
-  """The keys of featdiv_jax.models.resnet.ARCHS, read without importing jax."""
-  path = ROOT / "featdiv_jax" / "models" / "resnet.py"
-  try:
-    tree = ast.parse(path.read_text())
-  except (OSError, SyntaxError):
-    return _KNOWN_ARCHS
-  for node in tree.body:
-    if (isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "ARCHS" for t in node.targets)
-        and isinstance(node.value, ast.Dict)):
-      keys = tuple(k.value for k in node.value.keys if isinstance(k, ast.Constant))
-      if keys:
-        return keys
-  return _KNOWN_ARCHS
+  """The model names featdiv_jax.models knows (imported here only: it pulls in jax)."""
+  from featdiv_jax.models.resnet import ARCHS  # pylint: disable=import-outside-toplevel
+  return tuple(ARCHS)
 
 
 def _split(text) -> list:
@@ -112,10 +96,7 @@ def _load_config(config_file: str, arg: str):
   if not path.is_file():
     raise SweepError(f"config file {path} not found: run the sweep from a checkout of the "
                      f"repository (pip install -e .)")
-  spec = importlib.util.spec_from_file_location(f"_featdiv_sweep_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return configlib.load_config_file(path, arg)
 
 
 def _check_extra(extra: list) -> None:

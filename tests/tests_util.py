@@ -1,17 +1,15 @@
 """Helpers shared by the end-to-end tests."""
 
-import importlib.util
 import pathlib
+
+from featdiv_jax import configlib
 
 ROOT = pathlib.Path(__file__).parent.parent
 
 
 def load_config(name, arg, **overrides):
   """configs/<name>.py's get_config(arg), with dotted-field overrides."""
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
+  c = configlib.load_config_file(ROOT / "configs" / f"{name}.py", arg)
   for dotted, value in overrides.items():
     *parents, leaf = dotted.split(".")
     node = c
