@@ -22,6 +22,7 @@ import copy
 import functools
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,7 @@ import types
 import jax
 import numpy as np
 
-from featdiv_jax import models, sharding, steps
+from featdiv_jax import hostmem, models, sharding, steps
 
 
 def bench_config(args) -> types.SimpleNamespace:
@@ -92,6 +93,7 @@ class _Timed:
     self.compiled = step.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t
     self.times_ms = []
+    self.page_faults = 0
     self.warm(args.warmup)
 
   def warm(self, steps: int):
@@ -100,11 +102,13 @@ class _Timed:
     jax.block_until_ready(self.metrics)
 
   def time(self, steps: int):
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
       t = time.perf_counter()
       self.state, self.metrics = self.compiled(self.state, self.batch)
       jax.block_until_ready(self.metrics)
       self.times_ms.append(1e3 * (time.perf_counter() - t))
+    self.page_faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def _summary(args, times_ms, compile_s) -> dict:
@@ -130,6 +134,9 @@ def _result(args, timed: _Timed) -> dict:
       flops_per_step=flops,
       tflop_per_s=flops * r["img_per_s"] / args.batch / 1e12 if flops else None,
       peak_mem_bytes=memory.get("peak_bytes_in_use"),
+      # Host page faults per timed step: large on CPU when each step's buffers are fresh mmaps.
+      host_page_faults_per_step=timed.page_faults / len(timed.times_ms),
+      host_malloc_reuse=hostmem.applied,
       loss=float(timed.metrics["loss"]), device=str(jax.devices()[0].device_kind),
       num_devices=jax.device_count(), jax_version=jax.__version__)
   return r
@@ -227,7 +234,8 @@ def table(r: dict) -> str:
           f"{r['image_size']}px b{r['batch']} penalty={'on' if r['penalty'] else 'off'}: "
           f"step {r['step_ms_median']:.1f} ms (min {r['step_ms_min']:.1f}, max "
           f"{r['step_ms_max']:.1f}), {r['img_per_s']:.0f} img/s, compile {r['compile_s']:.1f} s, "
-          f"{flops} TFLOP/s, peak mem {r['peak_mem_bytes'] or '-'} ({r['device']})")
+          f"{flops} TFLOP/s, peak mem {r['peak_mem_bytes'] or '-'}, "
+          f"{r['host_page_faults_per_step']:.0f} host page faults/step ({r['device']})")
 
 
 def parse_args(argv):
@@ -240,7 +248,7 @@ def parse_args(argv):
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--heads-impl", default="vmap", choices=["vmap", "loop"])
-  p.add_argument("--conv-impl", default="auto", choices=["auto", "xla", "im2col", "unrolled"])
+  p.add_argument("--conv-impl", default="auto", choices=["auto", *models.CONV_IMPLS])
   p.add_argument("--stem", default="imagenet", choices=list(models.STEMS))
   p.add_argument("--classes", type=int, default=10)
   p.add_argument("--no-penalty", action="store_true")
@@ -277,4 +285,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  hostmem.at_entry_point()  # before jax's first allocations: see hostmem's docstring
   sys.exit(main())

@@ -191,4 +191,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from featdiv_jax import hostmem
+  hostmem.at_entry_point()  # before jax's first allocations: see hostmem's docstring
   app.run(main, flags_parser=_cli_flags_parser)
