@@ -4,19 +4,20 @@ XLA:CPU allocates each execution's temporaries as one block with `malloc` and fr
 The executions run on worker threads, whose glibc arenas serve any block that large with a fresh
 `mmap` and give it back with `munmap`: every training step then touches hundreds of megabytes of
 new pages, and the kernel faults in and zeroes each 4 KiB page again. For the 2-head seresnet18
-step at 32 px on a 2-core machine that was about 70,000 page faults per im2col convolution's
-patch matrix alone, and a sixth of the step time (docs/performance.md).
+step at 32 px on a 2-core machine that was about 60,000 page faults per step and a sixth of the
+step time; with the CIFAR stem, 675,000 (docs/performance.md).
 
 `reuse_freed_memory()` asks glibc for one arena (the main one, grown with `brk`) and no `mmap`
-for large blocks, and never to trim the heap: the block freed after one step is the block the
+for large blocks, and never to trim the heap (M_TRIM_THRESHOLD = -1; the largest positive value
+mallopt takes, 2 GiB, still let the CIFAR-stem step's heap be trimmed): the block freed after one step is the block the
 next step gets, already mapped. The price: the process keeps its peak heap until it exits, which
 is what a training process does anyway. Only where JAX will compute on the CPU: a machine with an
 NVIDIA GPU or a TPU device node keeps glibc's defaults (its many tf.data threads keep their own
-arenas), unless JAX_PLATFORMS=cpu. Call it before the first large allocation -- the entry
-points (`featdiv_jax.main`, `featdiv_jax.bench`) call it before importing numpy or jax. A no-op
+arenas), unless JAX_PLATFORMS=cpu. Call it before jax first computes -- the entry points
+(`python -m featdiv_jax.main`, `python -m featdiv_jax.bench`) call it first thing. A no-op
 outside Linux/glibc, and when `FEATDIV_MALLOC=default` is set in the environment.
 
-Imports nothing but the standard library (it must run before numpy, jax and TensorFlow).
+Imports nothing but the standard library.
 """
 
 import ctypes
@@ -29,7 +30,6 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_INT_MAX = 2**31 - 1
 
 ENV = "FEATDIV_MALLOC"
 applied = False  # whether reuse_freed_memory() changed glibc's settings in this process
@@ -62,7 +62,7 @@ def reuse_freed_memory() -> bool:
   # One arena: blocks larger than a thread arena's heap (64 MiB) would be mmap-ed regardless of
   # M_MMAP_MAX; the main arena grows with brk instead. Then no mmap-ed blocks, and no trimming.
   applied = all(mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX)))
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))  # -1: never trim (mallopt(3))
   return applied
 
 

@@ -296,6 +296,7 @@ def test_freeze_heads_passes_through_when_nothing_is_frozen():
 
 
 @pytest.mark.parametrize("arch,stem,size", [("seresnet_tiny", "imagenet", 45),
+                                            ("seresnet_tiny", "imagenet", 32),  # 2x2 and 1x1 maps
                                             ("seresnet_tiny_bottleneck", "cifar", 16)])
 def test_im2col_convolutions_equal_xla_convolutions(arch, stem, size):
   x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
@@ -314,6 +315,25 @@ def test_im2col_convolutions_equal_xla_convolutions(arch, stem, size):
                (jax.jit(jax.grad(functools.partial(loss, xla)))(variables["params"]),
                 jax.jit(jax.grad(functools.partial(loss, patches)))(variables["params"]))]:
     jax.tree.map(functools.partial(np.testing.assert_allclose, atol=2e-5, rtol=1e-4), a, b)
+
+
+@pytest.mark.parametrize("size,kernel,stride,pad,taps", [
+    (1, 3, 1, 1, 1),  # a 3x3 conv on a 1x1 map: only the centre reads data
+    (2, 3, 2, 1, 4),  # 3x3/2 from 2x2 to 1x1: the bottom-right 2x2 offsets
+    (2, 3, 1, 1, 9), (5, 3, 2, 1, 9), (1, 7, 2, 3, 1), (3, 7, 2, 3, 25)])
+def test_patch_conv_leaves_out_offsets_that_only_read_padding(size, kernel, stride, pad, taps):
+  from featdiv_jax.models.resnet import PatchConv
+  x = np.random.default_rng(1).normal(size=(2, size, size, 3)).astype(np.float32)
+  conv = PatchConv(4, (kernel, kernel), stride, pad)
+  ref = nn.Conv(4, (kernel, kernel), stride, padding=pad, use_bias=False)
+  params = ref.init(jax.random.key(0), x)
+  np.testing.assert_allclose(conv.apply(params, x), ref.apply(params, x), atol=1e-5)
+  grads = [jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, x))))(params) for m in (conv, ref)]
+  np.testing.assert_allclose(grads[0]["params"]["kernel"], grads[1]["params"]["kernel"],
+                             atol=1e-5)
+  dots = [e for e in jax.make_jaxpr(conv.apply)(params, x).jaxpr.eqns
+          if e.primitive.name == "dot_general"]
+  assert [d.invars[0].aval.shape[-1] for d in dots] == [taps * 3]  # contraction: taps x channels
 
 
 def test_conv_impl_auto_picks_im2col_on_cpu_and_rejects_unknown():

@@ -12,6 +12,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 ModuleDef = Any
@@ -72,12 +73,21 @@ class BatchNorm(nn.Module):
     return x * mul.astype(self.dtype) + add.astype(self.dtype)
 
 
+def _taps_reading_data(k: int, stride: int, out: int, pad: int, size: int):
+  """Kernel offsets (along one axis) that read at least one real, not padded, input pixel."""
+  return [i for i in range(k)
+          if any(pad <= i + stride * o < pad + size for o in range(out))]
+
+
 class PatchConv(nn.Module):
   """nn.Conv's parameters and result, computed as shifted slices + one matmul (im2col).
 
   Under `nn.vmap` over heads a convolution with a per-head kernel becomes a grouped convolution,
   which XLA:CPU runs several times slower than K separate ones; this form becomes a batched
-  matmul instead. Symmetric integer padding only (all timm SE-ResNet convs).
+  matmul instead. Kernel offsets that only ever see padding (8 of 9 of a 3x3 kernel on a 1x1
+  map, 5 of 9 for a stride-2 3x3 conv from 2x2 to 1x1) are left out of the matmul: exact, and
+  1.15x faster for the 32 px ImageNet-stem step on CPU. Symmetric integer padding only (all timm
+  SE-ResNet convs).
   """
   features: int
   kernel_size: Sequence[int]
@@ -94,12 +104,17 @@ class PatchConv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features),
                         jnp.float32).astype(self.dtype)
     x = x.astype(self.dtype)
+    h, w = x.shape[1:3]
+    ho, wo = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
+    rows = _taps_reading_data(kh, s, ho, p, h)
+    cols = _taps_reading_data(kw, s, wo, p, w)
     if p:
       x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    ho, wo = (x.shape[1] - kh) // s + 1, (x.shape[2] - kw) // s + 1
-    cols = [x[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :]
-            for i in range(kh) for j in range(kw)]
-    patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+    patches = [x[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :]
+               for i in rows for j in cols]
+    patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
+    if (len(rows), len(cols)) != (kh, kw):
+      kernel = jnp.take(jnp.take(kernel, np.asarray(rows), axis=0), np.asarray(cols), axis=1)
     return patches @ kernel.reshape(-1, self.features)
 
 
@@ -193,7 +208,7 @@ class SEResNet(nn.Module):
       raise ValueError(f"stem={self.stem!r} is not one of {STEMS}")
     if self.conv_impl not in CONV_IMPLS:
       raise ValueError(f"conv_impl={self.conv_impl!r} is not one of {CONV_IMPLS}")
-    conv = functools.partial(PatchConv if self.conv_impl == "im2col" else nn.Conv,
+    conv = functools.partial(nn.Conv if self.conv_impl == "xla" else PatchConv,
                              use_bias=False, dtype=self.dtype, kernel_init=conv_init)
     norm = functools.partial(
         BatchNorm, use_running_average=not train, frozen=frozen, dtype=self.dtype)
