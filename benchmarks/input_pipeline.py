@@ -6,7 +6,8 @@ r"""Input pipeline throughput against the training step's, on one machine in one
 Times `featdiv_jax.data.train_batches` (read, shuffle, decode, augment, batch: the training
 loop's own stream) for the config's default variant at its batch size, then one training step
 of the same shapes with `featdiv_jax.bench` (unless `--no-step`), and prints both in images/s
-and their ratio: above 1, the pipeline outruns the step.
+and their ratio: above 1, the pipeline outruns the step. Under `featdiv_jax.hostmem`'s malloc
+settings, as training runs (`FEATDIV_MALLOC=default` for glibc's).
 
 `digits` reads the embedded data set. CIFAR-10 needs a download, so `cifar10` writes
 `--examples` random 32x32 PNGs (CIFAR-10's size and encoding in TFDS) into an image folder and
@@ -91,4 +92,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from featdiv_jax import hostmem
+  hostmem.at_entry_point()  # as in training (featdiv_jax.main): one malloc arena on CPU
   sys.exit(main())

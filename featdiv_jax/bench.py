@@ -168,6 +168,12 @@ def _torch_round(args) -> dict:
       return json.load(f)
 
 
+def _resolve_dtype(args):
+  if args.dtype == "auto":
+    args.dtype = models.default_dtype()
+  return args
+
+
 def variant_args(args, spec: str):
   """A copy of `args` with one `dest=value` change (value parsed as that flag parses it)."""
   key, sep, value = spec.partition("=")
@@ -182,7 +188,7 @@ def variant_args(args, spec: str):
     setattr(out, key, value.lower() in ("1", "true", "yes", "on"))
   else:
     setattr(out, key, type(current)(value) if current is not None else value)
-  return out
+  return _resolve_dtype(out)
 
 
 def compare(args) -> dict:
@@ -246,7 +252,8 @@ def parse_args(argv):
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                 help="compute dtype; auto: the models' default for this backend (the configs')")
   p.add_argument("--heads-impl", default="vmap", choices=["vmap", "loop"])
   p.add_argument("--conv-impl", default="auto", choices=["auto", *models.CONV_IMPLS])
   p.add_argument("--stem", default="imagenet", choices=list(models.STEMS))
@@ -258,7 +265,7 @@ def parse_args(argv):
                  "heads_impl=loop, no_penalty=1, conv_impl=im2col, impl=torch")
   p.add_argument("--rounds", type=int, default=3, help="rounds of interleaved timing with --vs")
   p.add_argument("--torch-python", help="python with torch + timm, for --vs impl=torch")
-  args = p.parse_args(argv)
+  args = _resolve_dtype(p.parse_args(argv))
   if args.heads < 1 or args.batch < 1 or args.steps < 1 or args.image_size < 8:
     p.error("--heads, --batch and --steps must be >= 1 and --image-size >= 8")
   if args.rounds < 1:

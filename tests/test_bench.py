@@ -65,3 +65,25 @@ def test_bench_refuses_a_variant_that_names_no_flag():
   with pytest.raises(SystemExit):
     bench.parse_args(["--vs", "heads_impl"])
   assert bench.variant_args(bench.parse_args([]), "heads=4").heads == 4
+
+
+def test_input_pipeline_benchmark_times_the_configs_step(monkeypatch):
+  """benchmarks/input_pipeline.py hands the config's model (dtype "auto" included) to bench."""
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks",
+                      "input_pipeline.py")
+  spec = importlib.util.spec_from_file_location("input_pipeline", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.load_config("digits")
+  assert config.model.dtype == "auto"
+  with config.unlocked():
+    config.model.arch, config.batch_size = "seresnet_tiny", 8
+  assert module.time_step(config) > 0
+
+
+def test_bench_dtype_auto_is_the_models_default():
+  assert bench.parse_args(["--dtype", "auto"]).dtype == models.default_dtype() == "float32"
+  args = bench.parse_args([])
+  assert bench.variant_args(args, "dtype=auto").dtype == "float32"

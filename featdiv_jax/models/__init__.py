@@ -2,13 +2,14 @@
 
 from featdiv_jax.models.multihead import (CLASSIFIERS, FUSIONS, MultiHeadNet, create_multihead,
                                           extract_head, fuse, place_head)
-from featdiv_jax.models.resnet import (ARCHS, CONV_IMPLS, STEMS, BasicBlock, BatchNorm, Bottleneck, SEResNet,
-                                       backbone_fields, create_model, se_reduced_width)
+from featdiv_jax.models.resnet import (ARCHS, CONV_IMPLS, STEMS, BasicBlock, BatchNorm,
+                                       Bottleneck, SEResNet, backbone_fields, create_model,
+                                       default_dtype, se_reduced_width)
 from featdiv_jax.models.timm_import import load_timm_weights, read_state_dict
 
 __all__ = [
-    "ARCHS", "CLASSIFIERS", "CONV_IMPLS", "FUSIONS", "STEMS", "BasicBlock", "BatchNorm", "Bottleneck",
-    "MultiHeadNet", "SEResNet", "backbone_fields", "create_model", "create_multihead",
-    "extract_head", "fuse", "load_timm_weights", "place_head", "read_state_dict",
+    "ARCHS", "CLASSIFIERS", "CONV_IMPLS", "FUSIONS", "STEMS", "BasicBlock", "BatchNorm",
+    "Bottleneck", "MultiHeadNet", "SEResNet", "backbone_fields", "create_model",
+    "create_multihead", "default_dtype", "extract_head", "fuse", "load_timm_weights", "place_head", "read_state_dict",
     "se_reduced_width",
 ]
