@@ -29,10 +29,15 @@ import tempfile
 import time
 import types
 
-import jax
-import numpy as np
+from featdiv_jax import hostmem
 
-from featdiv_jax import hostmem, models, sharding, steps
+if __name__ == "__main__":  # `python -m featdiv_jax.bench`: before jax starts any thread
+  hostmem.at_entry_point()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from featdiv_jax import models, sharding, steps  # noqa: E402
 
 
 def bench_config(args) -> types.SimpleNamespace:
@@ -163,7 +168,9 @@ def _torch_round(args) -> dict:
     cmd.append("--no-penalty")
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "torch.json")
-    subprocess.run(cmd + ["--json", path], check=True, stdout=subprocess.DEVNULL)
+    # The reference gets the malloc settings this process runs with (see featdiv_jax.hostmem).
+    env = dict(os.environ, **hostmem.GLIBC_ENV) if hostmem.applied else None
+    subprocess.run(cmd + ["--json", path], check=True, stdout=subprocess.DEVNULL, env=env)
     with open(path) as f:
       return json.load(f)
 
@@ -292,5 +299,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  hostmem.at_entry_point()  # before jax's first allocations: see hostmem's docstring
   sys.exit(main())

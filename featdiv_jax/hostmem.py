@@ -31,6 +31,11 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
+# The same settings for a process started with them in its environment (glibc reads these at
+# start-up): how `featdiv_jax.bench` runs the PyTorch reference, so both sides get them.
+GLIBC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+             "MALLOC_TRIM_THRESHOLD_": str(2**62)}
+
 ENV = "FEATDIV_MALLOC"
 applied = False  # whether reuse_freed_memory() changed glibc's settings in this process
 CHOICES = ("reuse", "default")

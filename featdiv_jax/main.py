@@ -10,7 +10,11 @@ import os
 import re
 import sys
 
-from absl import app
+if __name__ == "__main__":  # `python -m featdiv_jax.main`: before any library starts a thread
+  from featdiv_jax import hostmem
+  hostmem.at_entry_point()
+
+from absl import app  # noqa: E402
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -191,6 +195,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from featdiv_jax import hostmem
-  hostmem.at_entry_point()  # before jax's first allocations: see hostmem's docstring
   app.run(main, flags_parser=_cli_flags_parser)
