@@ -7,11 +7,11 @@ new pages, and the kernel faults in and zeroes each 4 KiB page again. For the 2-
 step at 32 px on a 2-core machine that was about 60,000 page faults per step and a sixth of the
 step time; with the CIFAR stem, 675,000 (docs/performance.md).
 
-`reuse_freed_memory()` asks glibc for one arena (the main one, grown with `brk`) and no `mmap`
-for large blocks, and never to trim the heap (M_TRIM_THRESHOLD = -1; the largest positive value
-mallopt takes, 2 GiB, still let the CIFAR-stem step's heap be trimmed): the block freed after one step is the block the
-next step gets, already mapped. The price: the process keeps its peak heap until it exits, which
-is what a training process does anyway. Only where JAX will compute on the CPU: a machine with an
+`reuse_freed_memory()` asks glibc for one arena (the main one, grown with `brk`), no `mmap` for
+large blocks, and never to trim the heap (M_TRIM_THRESHOLD = -1; the largest positive value
+mallopt takes, 2 GiB, still let the CIFAR-stem step's heap be trimmed): the block freed after
+one step is the block the next step gets, already mapped. The price: the process keeps its peak
+heap until it exits, which is what a training process does anyway. Only where JAX will compute on the CPU: a machine with an
 NVIDIA GPU or a TPU device node keeps glibc's defaults (its many tf.data threads keep their own
 arenas), unless JAX_PLATFORMS=cpu. Call it before jax first computes -- the entry points
 (`python -m featdiv_jax.main`, `python -m featdiv_jax.bench`) call it first thing. A no-op

@@ -10,6 +10,6 @@ from featdiv_jax.models.timm_import import load_timm_weights, read_state_dict
 __all__ = [
     "ARCHS", "CLASSIFIERS", "CONV_IMPLS", "FUSIONS", "STEMS", "BasicBlock", "BatchNorm",
     "Bottleneck", "MultiHeadNet", "SEResNet", "backbone_fields", "create_model",
-    "create_multihead", "default_dtype", "extract_head", "fuse", "load_timm_weights", "place_head", "read_state_dict",
-    "se_reduced_width",
+    "create_multihead", "default_dtype", "extract_head", "fuse", "load_timm_weights",
+    "place_head", "read_state_dict", "se_reduced_width",
 ]
