@@ -11,11 +11,13 @@ step time; with the CIFAR stem, 675,000 (docs/performance.md).
 large blocks, and never to trim the heap (M_TRIM_THRESHOLD = -1; the largest positive value
 mallopt takes, 2 GiB, still let the CIFAR-stem step's heap be trimmed): the block freed after
 one step is the block the next step gets, already mapped. The price: the process keeps its peak
-heap until it exits, which is what a training process does anyway. Only where JAX will compute on the CPU: a machine with an
-NVIDIA GPU or a TPU device node keeps glibc's defaults (its many tf.data threads keep their own
-arenas), unless JAX_PLATFORMS=cpu. Call it before jax first computes -- the entry points
-(`python -m featdiv_jax.main`, `python -m featdiv_jax.bench`) call it first thing. A no-op
-outside Linux/glibc, and when `FEATDIV_MALLOC=default` is set in the environment.
+heap until it exits, which is what a training process does anyway.
+
+Only where JAX will compute on the CPU: a machine with an NVIDIA GPU or a TPU device node keeps
+glibc's defaults (its many tf.data threads keep their own arenas), unless JAX_PLATFORMS=cpu.
+Call it before jax is imported -- the entry points (`python -m featdiv_jax.main`, `python -m
+featdiv_jax.bench`) call it first thing. A no-op outside Linux/glibc, and when
+`FEATDIV_MALLOC=default` is set in the environment.
 
 Imports nothing but the standard library.
 """

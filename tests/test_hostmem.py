@@ -57,7 +57,8 @@ def test_bad_setting_is_one_clear_error(monkeypatch):
     hostmem.reuse_freed_memory()
 
 
-@pytest.mark.parametrize("platforms, expected", [("cpu", True), ("cuda", False), ("tpu,cpu", False)])
+@pytest.mark.parametrize("platforms, expected",
+                         [("cpu", True), ("cuda", False), ("tpu,cpu", False)])
 def test_only_where_jax_computes_on_the_cpu(monkeypatch, platforms, expected):
   monkeypatch.setenv("JAX_PLATFORMS", platforms)
   assert hostmem._computes_on_cpu() is expected
