@@ -92,7 +92,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from featdiv_jax import hostmem
   hostmem.at_entry_point()  # as in training (featdiv_jax.main): one malloc arena on CPU
   sys.exit(main())

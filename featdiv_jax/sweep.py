@@ -10,8 +10,8 @@ Each run trains in SWEEP_DIR/<dataset>/<arch>/<variant>/seed<N> with
 `python -m featdiv_jax.main --config=configs/<file>.py:<variant>[,extra...],arch=<arch>,seed=<N>`.
 `run` skips runs whose results.json says finished and re-runs (= resumes from the checkpoints)
 interrupted ones. SWEEP_DIR/sweep.json lists every run planned in the directory (the union of
-every grid planned there). Imports no TensorFlow (`prepare` calls the data module for that); jax only to list the
-model names.
+every grid planned there). Imports no TensorFlow (`prepare` calls the data module for that);
+jax only to list the model names.
 """
 
 import argparse
