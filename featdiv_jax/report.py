@@ -6,21 +6,29 @@ Reads every `results.json` found recursively under the given directories (a swee
 single run workdirs; the same file reached twice counts once) and writes into `--out` (default:
 the first directory):
 
-- `comparison.png`: best test accuracy per variant, grouped by (data set, arch): mean bar, std
-  error bar over finished seeds, every seed as a dot (hollow: still running), the paper's
-  published number as a star where there is one.
+- `comparison.png`: best test accuracy per variant, grouped by (data set, protocol, arch): mean
+  bar, std error bar over finished seeds, every seed as a dot (hollow: still running), the
+  paper's published number as a star where there is one.
 - `curves.png`: eval accuracy against epoch per variant (mean line, min-max band over seeds).
 - `diversity.png`: mean off-diagonal cosine between heads against epoch (multi vs multi_cos) and
   the final K x K head-cosine matrix, averaged over seeds, for each multi-head variant.
-- `report.md`: one table per (data set, arch), the paired multi_cos - multi comparison across
-  seeds (scipy.stats.ttest_rel), the paper's published numbers where the data set is one of the
-  paper's, and a closing "Missing / in progress" section.
+- `report.md`: one table per (data set, protocol, arch), the paired multi_cos - multi comparison
+  across seeds (scipy.stats.ttest_rel), the paper's published numbers where the data set is one
+  of the paper's, and a closing "Missing / in progress" section.
+
+A run is (data set, protocol, arch, variant, seed), the protocol (configlib's `protocol`) read
+from results.json's config, "scratch" where an older file has none: a multi_cos trained from
+scratch and one whose head 0 came from a trained single run (pretrained_head) are different
+experiments, so they are never merged or paired, and each protocol gets its own sections
+(titled with the protocol where it is not scratch) and plot groups.
 
 Partial sweeps are fine: runs with `finished: false` are counted as running and kept out of the
 statistics (their current best is listed). A `sweep.json` at the top of a given directory lists
-the planned runs, `{"runs": [{"dataset", "arch", "variant", "seed", "workdir"}, ...]}` (missing
-keys are tolerated); a planned run with no results.json is reported missing. Without one, a
-variant lacking a seed that another variant of the same (data set, arch) has is reported missing.
+the planned runs, `{"runs": [{"dataset", "protocol", "arch", "variant", "seed", "workdir"},
+...]}` (missing keys are tolerated, a missing protocol is scratch; featdiv_jax.sweepfile reads
+it); a planned run with no results.json of its protocol is reported missing. Without one, a
+variant lacking a seed that another variant of the same (data set, protocol, arch) has is
+reported missing.
 
 Exit status: 0, or 2 with one line on stderr when no results.json can be read. Reads JSON only:
 imports neither jax nor TensorFlow, so it runs anywhere.
@@ -28,11 +36,10 @@ imports neither jax nor TensorFlow, so it runs anywhere.
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import matplotlib
 matplotlib.use("Agg")
@@ -40,15 +47,23 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 from scipy import stats
 
+from featdiv_jax import files
+from featdiv_jax import sweepfile
+
 VARIANT_ORDER = ("single", "multi", "multi_cos")  # configlib.VARIANTS, without importing it
 COLORS = {"single": "tab:blue", "multi": "tab:orange", "multi_cos": "tab:green"}
 ALPHA = 0.05  # significance level of the paired t-test
 PUBLISHED_LABEL = "published (paper's PyTorch code, single run)"
+SCRATCH = sweepfile.SCRATCH  # the protocol of a results.json whose config names none
+# The protocol of the paper's notebooks, which produced PUBLISHED (docs/reference.md, "How the
+# published numbers were produced"): its numbers are shown next to every protocol's rows, and
+# labelled with it next to the others'.
+PUBLISHED_PROTOCOL = "pretrained_head"
 
 # Published best test accuracy (%) of the paper's PyTorch code, one run each, no seeds; from
-# /work/shared/REFERENCE.md, section "Published best test accuracy (%)". Keys are our TFDS data
-# set names and (variant, arch); the paper's multi-head models have 2 heads ("2 heads + cosine"
-# is multi_cos, "2 heads, no constraint" is multi). `digits` is not in the paper.
+# docs/reference.md, section "Published best test accuracy (%)". Keys are our TFDS data set
+# names and (variant, arch); the paper's multi-head models have 2 heads ("2 heads + cosine" is
+# multi_cos, "2 heads, no constraint" is multi). `digits` is not in the paper.
 PUBLISHED = {
     "cifar10": {
         ("multi_cos", "seresnet18"): 77.11, ("multi", "seresnet18"): 76.97,
@@ -77,6 +92,9 @@ class ReportError(Exception):
   """Nothing to report: one line for the user, no traceback."""
 
 
+# ----------------------------------------------------------------------------- records
+
+
 @dataclasses.dataclass
 class Run:
   """One run's results.json, reduced to what the report uses. Accuracies are fractions."""
@@ -92,21 +110,22 @@ class Run:
   epochs: list
   accuracies: list
   head_cosines: list  # per eval; None for one head
-  cos_matrix: Optional[list]
+  head_cosine_matrix: Optional[list]  # K x K, at the last eval
   num_params: Optional[int]
   images_per_s: Optional[float]
   step: int
   total_steps: Optional[int]
   steps_per_epoch: Optional[int]
   smoke: bool = False
+  protocol: str = SCRATCH  # part of the identity: the same seed under two protocols is two runs
 
   @property
   def group(self) -> tuple:
-    return (self.dataset, self.arch)
+    return (self.dataset, self.protocol, self.arch)
 
   @property
   def key(self) -> tuple:
-    return (self.dataset, self.arch, self.variant, self.seed)
+    return (self.dataset, self.protocol, self.arch, self.variant, self.seed)
 
   @property
   def workdir(self) -> str:
@@ -125,28 +144,125 @@ class Run:
       text += f" (epoch {self.step / self.steps_per_epoch:.1f}{of})"
     return text
 
+  def current_best(self) -> str:
+    """'current best 76.20' (%), or 'no eval yet'."""
+    return "no eval yet" if self.best is None else f"current best {100 * self.best:.2f}"
+
+
+PLANNED, INFERRED = "sweep.json", "inferred"  # where a MissingRun comes from
+
+
+@dataclasses.dataclass(frozen=True)
+class MissingRun:
+  """A run with no results.json: planned in sweep.json (PLANNED), or lacking a seed that other
+  variants of its (dataset, protocol, arch) have (INFERRED, without a sweep.json)."""
+  dataset: Optional[str]
+  arch: Optional[str]
+  variant: Optional[str]
+  seed: Optional[sweepfile.Seed]
+  workdir: Optional[str]
+  source: str
+  protocol: str = SCRATCH
+
+
+class MeanStd(NamedTuple):
+  """Over some runs: mean, sample std (ddof=1; None when n < 2) and n."""
+  mean: Optional[float]
+  std: Optional[float]
+  n: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedComparison:
+  """b - a on one metric in % points, paired by seed over finished runs."""
+  a: str
+  b: str
+  metric: str  # 'best' or 'final'
+  seeds: tuple  # the paired seeds
+  unpaired: tuple  # 'variant seed S (why)' for each seed left out of the pairing
+  mean: Optional[float] = None  # of the differences
+  std: Optional[float] = None  # of the differences
+  t: Optional[float] = None  # of the paired t-test; t and p are None where no test is possible
+  p: Optional[float] = None  # two-sided
+  reason: Optional[str] = None  # why there is no test
+
+  @property
+  def n(self) -> int:
+    return len(self.seeds)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One variant's line in the table of a (dataset, arch). Accuracies in %."""
+  variant: str
+  heads: tuple  # the distinct num_heads of its runs
+  params: tuple  # the distinct num_params of its runs
+  best: MeanStd  # over finished runs
+  final: MeanStd  # over finished runs
+  finished: int
+  found: int
+  planned: Optional[int]  # None without a sweep.json
+  running_runs: tuple  # kept out of the statistics
+  images_per_s: Optional[float]  # mean over all found runs
+  head_cosine: Optional[float]  # at the last eval, mean over finished runs
+  smoke: bool
+  published: Optional[float]  # the paper's number for this variant and arch
+
+  @property
+  def running(self) -> int:
+    return len(self.running_runs)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSummary:
+  """The report's section of one (dataset, protocol, arch)."""
+  dataset: str
+  arch: str
+  rows: tuple  # one Row per variant, in VARIANT_ORDER
+  paired: tuple  # PairedComparison of multi_cos - multi on best, then final accuracy
+  published: Optional[dict]  # PUBLISHED[dataset], where the data set is one of the paper's
+  protocol: str = SCRATCH
+
+  @property
+  def key(self) -> tuple:
+    return (self.dataset, self.protocol, self.arch)
+
+  @property
+  def title(self) -> str:
+    """'cifar10 / seresnet18', with ' / pretrained_head' when the protocol is not scratch."""
+    return group_title(self.key)
+
+  @property
+  def has_pair(self) -> bool:
+    """Whether multi and multi_cos are both there, so that the paired comparison applies."""
+    return {"multi", "multi_cos"} <= {row.variant for row in self.rows}
+
 
 # ----------------------------------------------------------------------------- loading
 
 
-def norm_seed(seed):
-  """Seeds compare as ints where they are integral (sweep.json may hold "1" or 1.0)."""
-  if isinstance(seed, bool):
-    return int(seed)
-  if isinstance(seed, (int, np.integer)):
-    return int(seed)
-  if isinstance(seed, float) and seed.is_integer():
-    return int(seed)
-  if isinstance(seed, str):
-    try:
-      return int(seed.strip())
-    except ValueError:
-      return seed.strip()
-  return seed
-
-
 def _seed_sort(seed):
   return (0, seed, "") if isinstance(seed, int) else (1, 0, str(seed))
+
+
+def group_sort(group: tuple):
+  """(dataset, protocol, arch) in order, scratch before the other protocols of a data set."""
+  dataset, protocol, arch = group
+  return (dataset, protocol != SCRATCH, protocol, arch)
+
+
+def group_title(group: tuple, sep: str = " / ") -> str:
+  """'cifar10 / seresnet18' for a scratch group, 'cifar10 / seresnet18 / pretrained_head' else:
+  sweeps from before protocols read as they always did."""
+  dataset, protocol, arch = group
+  return sep.join([dataset, arch] + ([] if protocol == SCRATCH else [protocol]))
+
+
+def run_title(run) -> str:
+  """'cifar10 / seresnet18 / multi', with the protocol before the variant where not scratch; of
+  a Run or a MissingRun ('?' for what a planned run does not name)."""
+  names = [run.dataset, run.arch] + ([] if run.protocol == SCRATCH else [run.protocol])
+  return " / ".join("?" if name is None else str(name) for name in names + [run.variant])
 
 
 def variant_sort(variant: str):
@@ -162,8 +278,9 @@ def _number(x, name: str, kind=float):
   return kind(x)
 
 
-def parse_results(data, path: str) -> Run:
-  """A Run from a parsed results.json; ValueError (with the reason) when it is not one."""
+def _identity(data) -> tuple:
+  """(config, dataset, protocol, arch, variant, seed) of a parsed results.json; ValueError when
+  one is missing or of the wrong type. Files written before the protocol existed are scratch."""
   if not isinstance(data, dict):
     raise ValueError(f"expected a JSON object, got {type(data).__name__}")
   config = data.get("config")
@@ -177,38 +294,60 @@ def parse_results(data, path: str) -> Run:
   variant = data.get("variant", config.get("variant"))
   if not all(isinstance(v, str) and v for v in (dataset, arch, variant)):
     raise ValueError("dataset name, arch or variant missing or not a string")
-  if "seed" not in config or not isinstance(norm_seed(config["seed"]), (int, str)):
+  seed = sweepfile.norm_seed(config.get("seed"))
+  if "seed" not in config or not isinstance(seed, (int, str)):
     raise ValueError(f"config.seed is {config.get('seed')!r}, not an integer or string")
+  protocol = config.get("protocol")
+  protocol = SCRATCH if protocol is None else protocol
+  if not isinstance(protocol, str) or not protocol:
+    raise ValueError(f"config.protocol is {protocol!r}, not a string")
+  return config, dataset, protocol, arch, variant, seed
+
+
+def _history(data, steps_per_epoch: Optional[int]) -> tuple:
+  """(epochs, eval accuracies, eval head cosines) from a parsed results.json's history."""
   history = data.get("history", [])
   if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
     raise ValueError("history is not a list of objects")
-  steps_per_epoch = _number(data.get("steps_per_epoch"), "steps_per_epoch", int)
-  epochs, accs, coss = [], [], []
-  for i, h in enumerate(history):
-    acc = _number(h.get("eval_accuracy"), f"history[{i}].eval_accuracy")
-    if acc is None:
+  epochs, accuracies, cosines = [], [], []
+  for i, entry in enumerate(history):
+    accuracy = _number(entry.get("eval_accuracy"), f"history[{i}].eval_accuracy")
+    if accuracy is None:
       raise ValueError(f"history[{i}] has no eval_accuracy")
-    epoch = _number(h.get("epoch"), f"history[{i}].epoch")
+    epoch = _number(entry.get("epoch"), f"history[{i}].epoch")
     if epoch is None:  # older files: the epoch from the step
-      step = _number(h.get("step"), f"history[{i}].step") or 0
+      step = _number(entry.get("step"), f"history[{i}].step") or 0
       epoch = step / steps_per_epoch if steps_per_epoch else step
     epochs.append(epoch)
-    accs.append(acc)
-    coss.append(_number(h.get("eval_head_cosine"), f"history[{i}].eval_head_cosine"))
-  best = _number(data.get("best_eval_accuracy"), "best_eval_accuracy")
-  final = _number(data.get("final_eval_accuracy"), "final_eval_accuracy")
+    accuracies.append(accuracy)
+    cosines.append(_number(entry.get("eval_head_cosine"), f"history[{i}].eval_head_cosine"))
+  return epochs, accuracies, cosines
+
+
+def _head_cosine_matrix(data) -> Optional[list]:
   matrix = data.get("eval_head_cosine_matrix")
   if matrix is not None:
-    arr = np.asarray(matrix, dtype=float)
-    if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
-      raise ValueError(f"eval_head_cosine_matrix has shape {arr.shape}, not K x K")
+    shape = np.asarray(matrix, dtype=float).shape
+    if len(shape) != 2 or shape[0] != shape[1]:
+      raise ValueError(f"eval_head_cosine_matrix has shape {shape}, not K x K")
+  return matrix
+
+
+def parse_results(data, path: str) -> Run:
+  """A Run from a parsed results.json; ValueError (with the reason) when it is not one."""
+  config, dataset, protocol, arch, variant, seed = _identity(data)
+  steps_per_epoch = _number(data.get("steps_per_epoch"), "steps_per_epoch", int)
+  epochs, accuracies, cosines = _history(data, steps_per_epoch)
+  best = _number(data.get("best_eval_accuracy"), "best_eval_accuracy")
+  final = _number(data.get("final_eval_accuracy"), "final_eval_accuracy")
   heads = config.get("model", {}).get("num_heads")
   return Run(
-      path=path, dataset=dataset, arch=arch, variant=variant, seed=norm_seed(config["seed"]),
+      path=path, dataset=dataset, protocol=protocol, arch=arch, variant=variant, seed=seed,
       num_heads=None if heads is None else int(heads), finished=bool(data.get("finished")),
-      best=best if best is not None else (max(accs) if accs else None),
-      final=final if final is not None else (accs[-1] if accs else None),
-      epochs=epochs, accuracies=accs, head_cosines=coss, cos_matrix=matrix,
+      best=best if best is not None else max(accuracies, default=None),
+      final=final if final is not None else (accuracies[-1] if accuracies else None),
+      epochs=epochs, accuracies=accuracies, head_cosines=cosines,
+      head_cosine_matrix=_head_cosine_matrix(data),
       num_params=_number(data.get("num_params"), "num_params", int),
       images_per_s=_number(data.get("train_images_per_s"), "train_images_per_s"),
       step=_number(data.get("step"), "step", int) or 0,
@@ -220,9 +359,9 @@ def find_results(dirs) -> list:
   """Every results.json under `dirs`, each file once (by real path), in a stable order."""
   seen, found = set(), []
   for top in dirs:
-    for root, subdirs, files in os.walk(top):
+    for root, subdirs, names in os.walk(top):
       subdirs[:] = sorted(d for d in subdirs if d != "checkpoints")  # orbax trees: no results
-      if "results.json" in files:
+      if "results.json" in names:
         path = os.path.join(root, "results.json")
         real = os.path.realpath(path)
         if real not in seen:
@@ -241,8 +380,7 @@ def load_runs(paths, warn: Callable[[str], None]) -> list:
   by_key = {}
   for path in paths:
     try:
-      with open(path) as f:
-        run = parse_results(json.load(f), path)
+      run = parse_results(files.read_json(path), path)
     except (OSError, ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
       warn(f"warning: skipping {path}: {e}")
       continue
@@ -253,185 +391,157 @@ def load_runs(paths, warn: Callable[[str], None]) -> list:
            f"{'/'.join(map(str, run.key))}; using {keep.path}")
       run = keep
     by_key[run.key] = run
-  return sorted(by_key.values(), key=lambda r: (r.dataset, r.arch, variant_sort(r.variant),
+  return sorted(by_key.values(), key=lambda r: (group_sort(r.group), variant_sort(r.variant),
                                                 _seed_sort(r.seed)))
 
 
-def load_plan(dirs, warn: Callable[[str], None]) -> Optional[list]:
-  """Planned runs from `sweep.json` at the top of the given directories; None without a usable one.
-
-  Each planned run: dict(dataset, arch, variant, seed, workdir) with None for what is absent
-  and workdir made absolute (relative to the directory holding sweep.json).
-  """
-  plan = None
-  for top in dirs:
-    path = os.path.join(top, "sweep.json")
-    if not os.path.isfile(path):
-      continue
-    try:
-      with open(path) as f:
-        data = json.load(f)
-      entries = data["runs"] if isinstance(data, dict) else data
-      if not isinstance(entries, list):
-        raise ValueError("'runs' is not a list")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      warn(f"warning: ignoring {path}: {e}")
-      continue
-    plan = plan or []
-    for i, e in enumerate(entries):
-      if not isinstance(e, dict):
-        warn(f"warning: {path}: runs[{i}] is not an object; ignored")
-        continue
-      workdir = e.get("workdir")
-      if isinstance(workdir, str) and workdir:
-        workdir = os.path.normpath(os.path.join(os.path.abspath(top), workdir))
-      else:
-        workdir = None
-      entry = dict(dataset=e.get("dataset"), arch=e.get("arch"), variant=e.get("variant"),
-                   seed=None if e.get("seed") is None else norm_seed(e.get("seed")),
-                   workdir=workdir)
-      if not all(isinstance(entry[k], (str, type(None))) for k in ("dataset", "arch", "variant")
-                 ) or not isinstance(entry["seed"], (int, str, type(None))):
-        warn(f"warning: {path}: runs[{i}] has a dataset, arch, variant or seed of the wrong "
-             "type; ignored")
-        continue
-      if all(entry[k] is None for k in ("dataset", "arch", "variant", "seed", "workdir")):
-        warn(f"warning: {path}: runs[{i}] names no dataset, arch, variant, seed or workdir; "
-             "ignored")
-        continue
-      plan.append(entry)
-  return plan or None  # no usable entry: infer missing runs instead
-
-
-_PLAN_KEYS = ("dataset", "arch", "variant", "seed")
-
-
-def plan_matches(entry: dict, run: Run) -> bool:
-  """A planned run is done by `run` when every key it names agrees (or, naming none of
-  dataset/arch/variant/seed, when `run` lives in its workdir)."""
-  named = [k for k in _PLAN_KEYS if entry[k] is not None]
-  if named:
-    return all(entry[k] == getattr(run, k) for k in named)
-  wd = os.path.realpath(entry["workdir"])
+def is_done_by(planned: sweepfile.PlannedRun, run: Run) -> bool:
+  """A planned run is done by `run` when its protocol and every one of dataset/arch/variant/seed
+  it names agree (or, naming none of these, when `run` lives in its workdir): a scratch result
+  does not do a planned pretrained_head run, nor the other way round."""
+  wanted = (planned.dataset, planned.arch, planned.variant, planned.seed)
+  if any(value is not None for value in wanted):
+    return planned.protocol == run.protocol and all(
+        value is None or value == actual
+        for value, actual in zip(wanted, (run.dataset, run.arch, run.variant, run.seed)))
+  workdir = os.path.realpath(planned.workdir)
   here = os.path.realpath(run.workdir)
-  return here == wd or here.startswith(wd + os.sep)
+  return here == workdir or here.startswith(workdir + os.sep)
 
 
 def missing_runs(runs, plan: Optional[list]) -> list:
-  """Planned (or, without a plan, inferred) runs that have no results.json.
-
-  Inferred: within each (dataset, arch), a variant lacking a seed that another variant has.
-  Returns dicts with dataset, arch, variant, seed, workdir and source ('sweep.json'|'inferred').
-  """
+  """MissingRuns: the planned runs (PlannedRuns of sweep.json) that no results.json does, or,
+  without a plan, within each (dataset, protocol, arch) a variant lacking a seed that another
+  has."""
   if plan is not None:
-    return [dict(e, source="sweep.json") for e in plan
-            if not any(plan_matches(e, r) for r in runs)]
+    return [MissingRun(**dataclasses.asdict(planned), source=PLANNED) for planned in plan
+            if not any(is_done_by(planned, run) for run in runs)]
   missing = []
-  for group in sorted({r.group for r in runs}):
+  for group in sorted({r.group for r in runs}, key=group_sort):
     members = [r for r in runs if r.group == group]
     seeds = sorted({r.seed for r in members}, key=_seed_sort)
+    dataset, protocol, arch = group
     for variant in sorted({r.variant for r in members}, key=variant_sort):
       have = {r.seed for r in members if r.variant == variant}
-      missing += [dict(dataset=group[0], arch=group[1], variant=variant, seed=s, workdir=None,
-                       source="inferred") for s in seeds if s not in have]
+      missing += [MissingRun(dataset=dataset, protocol=protocol, arch=arch, variant=variant,
+                             seed=seed, workdir=None, source=INFERRED)
+                  for seed in seeds if seed not in have]
   return missing
 
 
 # ----------------------------------------------------------------------------- aggregation
 
 
-def mean_std(values) -> tuple:
-  """(mean, sample std (ddof=1) or None when n < 2, n); (None, None, 0) when empty."""
+def mean_std(values) -> MeanStd:
+  """Mean, sample std (ddof=1; None when n < 2) and n of the values that are not None."""
   values = [v for v in values if v is not None]
   if not values:
-    return None, None, 0
-  arr = np.asarray(values, dtype=float)
-  return float(arr.mean()), (float(arr.std(ddof=1)) if arr.size > 1 else None), int(arr.size)
+    return MeanStd(None, None, 0)
+  array = np.asarray(values, dtype=float)
+  return MeanStd(float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else None,
+                 int(array.size))
+
+
+def _pair_by_seed(runs, group: tuple, metric: str, a: str, b: str) -> tuple:
+  """([(seed, a's metric in %, b's metric in %)], ['variant seed S (why)' per seed left out])
+  over the seeds of `group` that either variant has."""
+  def by_seed(variant):
+    return {r.seed: r for r in runs if r.group == group and r.variant == variant}
+  runs_a, runs_b = by_seed(a), by_seed(b)
+  pairs, unpaired = [], []
+  for seed in sorted(set(runs_a) | set(runs_b), key=_seed_sort):
+    run_a, run_b = runs_a.get(seed), runs_b.get(seed)
+    if run_a is None or run_b is None:
+      have, lacking = (a, b) if run_a is not None else (b, a)
+      unpaired.append(f"{have} seed {seed} (no {lacking} run)")
+    elif not (run_a.finished and run_b.finished):
+      running = [r.variant for r in (run_a, run_b) if not r.finished]
+      unpaired.append(f"seed {seed} ({' and '.join(running)} still running)")
+    elif getattr(run_a, metric) is None or getattr(run_b, metric) is None:
+      unpaired.append(f"seed {seed} (no eval yet)")
+    else:
+      pairs.append((seed, 100 * getattr(run_a, metric), 100 * getattr(run_b, metric)))
+  return pairs, unpaired
+
+
+def _paired_test(untested: PairedComparison, values_a, values_b) -> PairedComparison:
+  """`untested` with the statistics of values_b - values_a, or the reason there is no test."""
+  if not len(values_a):
+    return dataclasses.replace(untested, reason="no seed with finished runs of both")
+  diffs = values_b - values_a
+  result = dataclasses.replace(untested, mean=float(diffs.mean()))
+  if len(diffs) < 2:
+    return dataclasses.replace(result, reason="n=1 pair: a paired t-test needs n>=2")
+  result = dataclasses.replace(result, std=float(diffs.std(ddof=1)))
+  if result.std <= 1e-9 * max(1.0, abs(result.mean)):
+    return dataclasses.replace(result,
+                               reason="every difference is the same: std of differences is 0")
+  t, p = stats.ttest_rel(values_b, values_a)
+  return dataclasses.replace(result, t=float(t), p=float(p))
 
 
 def paired_comparison(runs, group: tuple, metric: str, a: str = "multi",
-                      b: str = "multi_cos") -> dict:
-  """b - a on `metric` ('best' or 'final', in % points), paired by seed over finished runs.
-
-  Returns n, mean, std (of the differences), t, p (None where no test is possible), reason
-  (why not), seeds (paired) and unpaired (list of 'variant seed S (why)').
-  """
-  def of(variant):
-    return {r.seed: r for r in runs if r.group == group and r.variant == variant}
-  ra, rb = of(a), of(b)
-  pairs, unpaired = [], []
-  for seed in sorted(set(ra) | set(rb), key=_seed_sort):
-    x, y = ra.get(seed), rb.get(seed)
-    if x is None or y is None:
-      have = a if x is not None else b
-      unpaired.append(f"{have} seed {seed} (no {b if x is not None else a} run)")
-    elif not (x.finished and y.finished):
-      running = [v.variant for v in (x, y) if not v.finished]
-      unpaired.append(f"seed {seed} ({' and '.join(running)} still running)")
-    elif getattr(x, metric) is None or getattr(y, metric) is None:
-      unpaired.append(f"seed {seed} (no eval yet)")
-    else:
-      pairs.append((seed, 100 * getattr(x, metric), 100 * getattr(y, metric)))
-  result = dict(n=len(pairs), mean=None, std=None, t=None, p=None, reason=None,
-                seeds=[s for s, _, _ in pairs], unpaired=unpaired, a=a, b=b, metric=metric)
-  if not pairs:
-    result["reason"] = "no seed with finished runs of both"
-    return result
-  xa = np.array([p[1] for p in pairs])
-  xb = np.array([p[2] for p in pairs])
-  diffs = xb - xa
-  result["mean"] = float(diffs.mean())
-  if len(pairs) < 2:
-    result["reason"] = "n=1 pair: a paired t-test needs n>=2"
-    return result
-  result["std"] = float(diffs.std(ddof=1))
-  if result["std"] <= 1e-9 * max(1.0, abs(result["mean"])):
-    result["reason"] = "every difference is the same: std of differences is 0"
-    return result
-  t, p = stats.ttest_rel(xb, xa)
-  result["t"], result["p"] = float(t), float(p)
-  return result
+                      b: str = "multi_cos") -> PairedComparison:
+  """b - a on `metric` ('best' or 'final', in % points), paired by seed over finished runs of
+  `group` (dataset, protocol, arch), with a paired t-test where one is possible. A (dataset,
+  arch) pair, as groups were before protocols, names the scratch group."""
+  if len(group) == 2:
+    group = (group[0], SCRATCH, group[1])
+  pairs, unpaired = _pair_by_seed(runs, group, metric, a, b)
+  untested = PairedComparison(a=a, b=b, metric=metric, seeds=tuple(s for s, _, _ in pairs),
+                              unpaired=tuple(unpaired))
+  return _paired_test(untested, np.array([x for _, x, _ in pairs]),
+                      np.array([y for _, _, y in pairs]))
 
 
-def summarize(runs_v: list, planned: Optional[int]) -> dict:
-  """One table row from one variant's runs of one (dataset, arch)."""
-  fin = [r for r in runs_v if r.finished]
-  heads = sorted({r.num_heads for r in runs_v if r.num_heads is not None})
-  params = sorted({r.num_params for r in runs_v if r.num_params is not None})
-  return dict(
-      heads=heads, params=params,
-      best=mean_std([100 * r.best for r in fin if r.best is not None]),
-      final=mean_std([100 * r.final for r in fin if r.final is not None]),
-      finished=len(fin), running=len(runs_v) - len(fin), found=len(runs_v), planned=planned,
-      images_per_s=mean_std([r.images_per_s for r in runs_v])[0],
-      head_cosine=mean_std([r.final_head_cosine for r in fin])[0],
-      running_runs=[r for r in runs_v if not r.finished],
-      smoke=any(r.smoke for r in runs_v))
+def summarize(group: tuple, variant: str, runs: list, planned: Optional[int]) -> Row:
+  """The table row of `variant` in `group` (dataset, protocol, arch), from that variant's runs.
+  `published` is the paper's number for the variant and arch, whatever the protocol (the table
+  labels it with PUBLISHED_PROTOCOL where that is not the group's)."""
+  dataset, _, arch = group
+  finished = [r for r in runs if r.finished]
+  return Row(
+      variant=variant,
+      heads=tuple(sorted({r.num_heads for r in runs if r.num_heads is not None})),
+      params=tuple(sorted({r.num_params for r in runs if r.num_params is not None})),
+      best=mean_std([100 * r.best for r in finished if r.best is not None]),
+      final=mean_std([100 * r.final for r in finished if r.final is not None]),
+      finished=len(finished), found=len(runs), planned=planned,
+      running_runs=tuple(r for r in runs if not r.finished),
+      images_per_s=mean_std([r.images_per_s for r in runs]).mean,
+      head_cosine=mean_std([r.final_head_cosine for r in finished]).mean,
+      smoke=any(r.smoke for r in runs),
+      published=PUBLISHED.get(dataset, {}).get((variant, arch)))
+
+
+def _planned_counts(plan: list) -> dict:
+  """{(dataset, protocol, arch, variant): number of planned runs}, over the planned runs naming
+  dataset, arch and variant (the protocol always has a value)."""
+  counts = {}
+  for planned in plan:
+    key = (planned.dataset, planned.protocol, planned.arch, planned.variant)
+    if None not in key:
+      counts[key] = counts.get(key, 0) + 1
+  return counts
 
 
 def aggregate(runs, plan: Optional[list] = None) -> list:
-  """The report's table: one dict per (dataset, arch), sorted, with `rows` per variant (in
-  VARIANT_ORDER), the paired multi_cos - multi comparisons and the published numbers."""
-  planned = {}
-  for e in plan or []:
-    if e["dataset"] is not None and e["arch"] is not None and e["variant"] is not None:
-      k = (e["dataset"], e["arch"], e["variant"])
-      planned[k] = planned.get(k, 0) + 1
-  groups = sorted({r.group for r in runs} | {k[:2] for k in planned})
+  """The report's table: a GroupSummary per (dataset, protocol, arch), sorted (`group_sort`),
+  with a Row per variant found or planned (`plan`: PlannedRuns, or None without a sweep.json)."""
+  planned = _planned_counts(plan or [])
   table = []
-  for group in groups:
-    variants = sorted({r.variant for r in runs if r.group == group}
-                      | {k[2] for k in planned if k[:2] == group}, key=variant_sort)
-    rows = []
-    for v in variants:
-      row = summarize([r for r in runs if r.group == group and r.variant == v],
-                      planned.get(group + (v,)) if plan is not None else None)
-      row["variant"] = v
-      row["published"] = PUBLISHED.get(group[0], {}).get((v, group[1]))
-      rows.append(row)
-    table.append(dict(dataset=group[0], arch=group[1], rows=rows,
-                      paired=[paired_comparison(runs, group, m) for m in ("best", "final")],
-                      published=PUBLISHED.get(group[0])))
+  for group in sorted({r.group for r in runs} | {key[:3] for key in planned}, key=group_sort):
+    members = [r for r in runs if r.group == group]
+    variants = sorted({r.variant for r in members}
+                      | {key[3] for key in planned if key[:3] == group}, key=variant_sort)
+    rows = tuple(summarize(group, v, [r for r in members if r.variant == v],
+                           planned.get(group + (v,)) if plan is not None else None)
+                 for v in variants)
+    dataset, protocol, arch = group
+    table.append(GroupSummary(
+        dataset=dataset, protocol=protocol, arch=arch, rows=rows,
+        paired=tuple(paired_comparison(runs, group, metric) for metric in ("best", "final")),
+        published=PUBLISHED.get(dataset)))
   return table
 
 
@@ -475,43 +585,51 @@ def _line_with_band(ax, series, label, color, scale=1.0):
     ax.fill_between(x, scale * lo, scale * hi, color=color, alpha=0.2, linewidth=0)
 
 
+def _legend_once(shown: set, key: str, label: str) -> Optional[str]:
+  """`label` the first time a kind of mark (`key`) is drawn, then None: one legend entry each."""
+  if key in shown:
+    return None
+  shown.add(key)
+  return label
+
+
+def _plot_variant(ax, x: float, width: float, row: Row, members: list, shown: set) -> None:
+  """One variant of one group at `x`: mean ± std marker, a dot per seed, the published star."""
+  color = COLORS.get(row.variant, "tab:gray")
+  mean, std, _ = row.best
+  label = _legend_once(shown, row.variant, row.variant)
+  if mean is not None:  # a mean marker, not a bar: the differences are fractions of a point
+    ax.errorbar(x, mean, yerr=std, fmt="_", markersize=22, markeredgewidth=2.5, color=color,
+                ecolor="black", elinewidth=1, capsize=4, label=label, zorder=2)
+  offsets = np.linspace(-width / 4, width / 4, len(members)) if len(members) > 1 else [0.0]
+  for run, offset in zip(members, offsets):
+    running = not run.finished
+    ax.scatter(x + offset, 100 * run.best, s=14, zorder=3, edgecolors="black", linewidths=0.6,
+               facecolors="none" if running else color,
+               label=_legend_once(shown, "running", "seed, still running") if running else None)
+  if row.published is not None:
+    ax.scatter(x, row.published, marker="*", s=60, color="black", zorder=4,
+               label=_legend_once(shown, "published",
+                                  f"{PUBLISHED_LABEL}, protocol {PUBLISHED_PROTOCOL}"))
+
+
 def plot_comparison(table: list, runs: list, path: str) -> None:
-  """Best test accuracy per variant, grouped by (dataset, arch): mean, std, seeds, published.
+  """Best test accuracy per variant, grouped by (dataset, protocol, arch): mean, std, seeds,
+  published.
 
   The y axis is scaled to the data (it does not start at 0), as the accuracies of the variants
   usually differ by less than a point."""
-  n_groups = max(1, len(table))
-  fig, ax = plt.subplots(figsize=(min(16, 2.5 + 2.2 * n_groups), 3.6), dpi=DPI)
-  shown = set()
-  for gi, group in enumerate(table):
-    rows = group["rows"]
-    width = 0.8 / max(1, len(rows))
-    for vi, row in enumerate(rows):
-      v = row["variant"]
-      x = gi - 0.4 + width * (vi + 0.5)
-      color = COLORS.get(v, "tab:gray")
-      mean, std, _ = row["best"]
-      label = v if v not in shown else None
-      shown.add(v)
-      if mean is not None:  # a mean marker, not a bar: the differences are fractions of a point
-        ax.errorbar(x, mean, yerr=std if std is not None else None, fmt="_", markersize=22,
-                    markeredgewidth=2.5, color=color, ecolor="black", elinewidth=1, capsize=4,
-                    label=label, zorder=2)
-      members = [r for r in runs if r.group == (group["dataset"], group["arch"])
-                 and r.variant == v and r.best is not None]
-      offsets = np.linspace(-width / 4, width / 4, len(members)) if len(members) > 1 else [0.0]
-      for r, dx in zip(members, offsets):
-        running = not r.finished
-        ax.scatter(x + dx, 100 * r.best, s=14, zorder=3, edgecolors="black", linewidths=0.6,
-                   facecolors="none" if running else color,
-                   label=("seed, still running" if running and "running" not in shown else None))
-        shown.update({"running"} if running else set())
-      if row["published"] is not None:
-        ax.scatter(x, row["published"], marker="*", s=60, color="black", zorder=4,
-                   label=PUBLISHED_LABEL if "published" not in shown else None)
-        shown.add("published")
+  fig, ax = plt.subplots(figsize=(min(16, 2.5 + 2.2 * max(1, len(table))), 3.6), dpi=DPI)
+  shown = set()  # the kinds of mark already in the legend
+  for group_index, group in enumerate(table):
+    width = 0.8 / max(1, len(group.rows))
+    for variant_index, row in enumerate(group.rows):
+      members = [r for r in runs if r.group == group.key and r.variant == row.variant
+                 and r.best is not None]
+      _plot_variant(ax, group_index - 0.4 + width * (variant_index + 0.5), width, row, members,
+                    shown)
   ax.set_xticks(range(len(table)))
-  ax.set_xticklabels([f"{g['dataset']}\n{g['arch']}" for g in table], fontsize=8)
+  ax.set_xticklabels([group_title(group.key, sep="\n") for group in table], fontsize=8)
   ax.set_ylabel("best test accuracy (%)")
   ax.set_title("Best test accuracy: mean ± std, dots = seeds", fontsize=9)
   ax.grid(axis="y", alpha=0.3)
@@ -521,18 +639,19 @@ def plot_comparison(table: list, runs: list, path: str) -> None:
 
 
 def plot_curves(runs: list, path: str) -> None:
-  """Eval accuracy against epoch: one panel per (dataset, arch), one line + band per variant."""
-  groups = sorted({r.group for r in runs})
+  """Eval accuracy against epoch: one panel per (dataset, protocol, arch), one line + band per
+  variant."""
+  groups = sorted({r.group for r in runs}, key=group_sort)
   fig, axes = _panel_grid(len(groups))
   for ax, group in zip(axes, groups):
     members = [r for r in runs if r.group == group]
-    for v in sorted({r.variant for r in members}, key=variant_sort):
-      vr = [r for r in members if r.variant == v and r.accuracies]
-      n_run = sum(not r.finished for r in vr)
-      label = f"{v} (n={len(vr)}{f', {n_run} running' if n_run else ''})"
-      _line_with_band(ax, [(r.epochs, r.accuracies) for r in vr], label,
-                      COLORS.get(v, "tab:gray"), scale=100)
-    ax.set_title(f"{group[0]} / {group[1]}", fontsize=9)
+    for variant in sorted({r.variant for r in members}, key=variant_sort):
+      evaluated = [r for r in members if r.variant == variant and r.accuracies]
+      n_running = sum(not r.finished for r in evaluated)
+      label = f"{variant} (n={len(evaluated)}{f', {n_running} running' if n_running else ''})"
+      _line_with_band(ax, [(r.epochs, r.accuracies) for r in evaluated], label,
+                      COLORS.get(variant, "tab:gray"), scale=100)
+    ax.set_title(group_title(group), fontsize=9)
     ax.set_xlabel("epoch")
     ax.set_ylabel("eval accuracy (%)")
     ax.grid(alpha=0.3)
@@ -550,89 +669,103 @@ def _multihead_variants(members: list) -> list:
 def mean_matrix(members: list) -> tuple:
   """(mean K x K head-cosine matrix, n runs, note): over finished runs, else running ones; runs
   whose K differs from the most common K are left out."""
-  fin = [r for r in members if r.finished and r.cos_matrix is not None]
-  use = fin or [r for r in members if r.cos_matrix is not None]
-  if not use:
+  finished = [r for r in members if r.finished and r.head_cosine_matrix is not None]
+  used = finished or [r for r in members if r.head_cosine_matrix is not None]
+  if not used:
     return None, 0, ""
-  mats = [np.asarray(r.cos_matrix, dtype=float) for r in use]
-  shapes = [m.shape for m in mats]
+  matrices = [np.asarray(r.head_cosine_matrix, dtype=float) for r in used]
+  shapes = [m.shape for m in matrices]
   common = max(set(shapes), key=shapes.count)
-  mats = [m for m in mats if m.shape == common]
-  return np.mean(mats, axis=0), len(mats), ("finished" if fin else "running")
+  matrices = [m for m in matrices if m.shape == common]
+  return np.mean(matrices, axis=0), len(matrices), ("finished" if finished else "running")
+
+
+def _plot_head_cosines(ax, group: tuple, members: list, variants: list) -> None:
+  """Mean cosine between heads against epoch, a line + band per multi-head variant."""
+  for variant in variants:
+    of_variant = [r for r in members if r.variant == variant]
+    _line_with_band(ax, [(r.epochs, r.head_cosines) for r in of_variant],
+                    f"{variant} (n={len(of_variant)})", COLORS.get(variant, "tab:gray"))
+  ax.set_title(f"{group_title(group)}: mean cosine between heads", fontsize=9)
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("eval head cosine")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+
+
+def _plot_matrix(fig, ax, variant: str, members: list) -> None:
+  """The variant's final K x K head-cosine matrix, averaged over runs, as a heatmap."""
+  matrix, n, note = mean_matrix(members)
+  if matrix is None:
+    ax.axis("off")
+    return
+  image = ax.imshow(matrix, vmin=min(0.0, float(matrix.min())), vmax=1.0, cmap="viridis")
+  num_heads = matrix.shape[0]
+  if num_heads <= 6:  # numbers in the cells while they fit
+    for i in range(num_heads):
+      for j in range(num_heads):
+        ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                color="white" if matrix[i, j] < 0.6 else "black")
+  ax.set_xticks(range(num_heads))
+  ax.set_yticks(range(num_heads))
+  ax.set_xlabel("head")
+  ax.set_ylabel("head")
+  ax.set_title(f"{variant}: final head cosine (mean of {n} {note})", fontsize=8)
+  fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+
+
+def _no_multihead_figure(path: str) -> None:
+  fig, ax = plt.subplots(figsize=(4, 2), dpi=DPI)
+  ax.axis("off")
+  ax.text(0.5, 0.5, "no multi-head runs: no head cosine to show", ha="center", va="center")
+  _save(fig, path)
 
 
 def plot_diversity(runs: list, path: str) -> None:
-  """Per (dataset, arch) with multi-head runs: head cosine vs epoch, and the mean final matrix
-  of each multi-head variant as a heatmap."""
-  groups = [g for g in sorted({r.group for r in runs})
-            if _multihead_variants([r for r in runs if r.group == g])]
+  """Per (dataset, protocol, arch) with multi-head runs: head cosine vs epoch, and the mean
+  final matrix of each multi-head variant as a heatmap."""
+  members_of = {group: [r for r in runs if r.group == group] for group in {r.group for r in runs}}
+  variants_of = {group: _multihead_variants(members) for group, members in members_of.items()}
+  groups = [group for group in sorted(members_of, key=group_sort) if variants_of[group]]
   if not groups:
-    fig, ax = plt.subplots(figsize=(4, 2), dpi=DPI)
-    ax.axis("off")
-    ax.text(0.5, 0.5, "no multi-head runs: no head cosine to show", ha="center", va="center")
-    _save(fig, path)
+    _no_multihead_figure(path)
     return
-  n_var = max(len(_multihead_variants([r for r in runs if r.group == g])) for g in groups)
-  fig, axes = plt.subplots(len(groups), 1 + n_var, figsize=(4 + 3.2 * n_var, 3 * len(groups)),
-                           dpi=DPI, squeeze=False)
-  for row, group in zip(axes, groups):
-    members = [r for r in runs if r.group == group]
-    variants = _multihead_variants(members)
-    ax = row[0]
-    for v in variants:
-      vr = [r for r in members if r.variant == v]
-      _line_with_band(ax, [(r.epochs, r.head_cosines) for r in vr], f"{v} (n={len(vr)})",
-                      COLORS.get(v, "tab:gray"))
-    ax.set_title(f"{group[0]} / {group[1]}: mean cosine between heads", fontsize=9)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("eval head cosine")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    for ax in row[1 + len(variants):]:
+  n_variants = max(len(variants_of[group]) for group in groups)
+  fig, axes = plt.subplots(len(groups), 1 + n_variants,
+                           figsize=(4 + 3.2 * n_variants, 3 * len(groups)), dpi=DPI,
+                           squeeze=False)
+  for row_axes, group in zip(axes, groups):
+    members, variants = members_of[group], variants_of[group]
+    _plot_head_cosines(row_axes[0], group, members, variants)
+    for ax in row_axes[1 + len(variants):]:
       ax.axis("off")
-    for ax, v in zip(row[1:], variants):
-      matrix, n, note = mean_matrix([r for r in members if r.variant == v])
-      if matrix is None:
-        ax.axis("off")
-        continue
-      im = ax.imshow(matrix, vmin=min(0.0, float(matrix.min())), vmax=1.0, cmap="viridis")
-      k = matrix.shape[0]
-      if k <= 6:
-        for i in range(k):
-          for j in range(k):
-            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if matrix[i, j] < 0.6 else "black")
-      ax.set_xticks(range(k))
-      ax.set_yticks(range(k))
-      ax.set_xlabel("head")
-      ax.set_ylabel("head")
-      ax.set_title(f"{v}: final head cosine (mean of {n} {note})", fontsize=8)
-      fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    for ax, variant in zip(row_axes[1:], variants):
+      _plot_matrix(fig, ax, variant, [r for r in members if r.variant == variant])
   _save(fig, path)
 
 
 # ----------------------------------------------------------------------------- markdown
 
 
-def fmt_pm(ms: tuple) -> str:
-  """'76.20 ± 0.31' (n>=2), '76.20 (n=1)', or '–'."""
-  mean, std, n = ms
+def fmt_pm(stat: tuple) -> str:
+  """'76.20 ± 0.31' (n>=2), '76.20 (n=1)', or '–', from a MeanStd or (mean, std, n)."""
+  mean, std, n = stat
   if n == 0:
     return "–"
   return f"{mean:.2f} (n=1)" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
-def fmt_seeds(row: dict) -> str:
-  text = f"{row['finished']} finished"
-  if row["running"]:
-    text += f" + {row['running']} running"
-  text += f" / {row['found']} found"
-  if row["planned"] is not None:
-    text += f" (of {row['planned']} planned)"
+def fmt_seeds(row: Row) -> str:
+  text = f"{row.finished} finished"
+  if row.running:
+    text += f" + {row.running} running"
+  text += f" / {row.found} found"
+  if row.planned is not None:
+    text += f" (of {row.planned} planned)"
   return text
 
 
-def _fmt_list(values: list, fmt) -> str:
+def _fmt_list(values, fmt) -> str:
   if not values:
     return "–"
   return fmt(values[0]) if len(values) == 1 else f"{fmt(values[0])}–{fmt(values[-1])}"
@@ -642,104 +775,133 @@ def _fmt_p(p: float) -> str:
   return f"{p:.3g}" if p >= 1e-4 else f"{p:.1e}"
 
 
-def paired_sentence(pc: dict) -> str:
+def _fmt_optional(value: Optional[float], spec: str) -> str:
+  return "–" if value is None else format(value, spec)
+
+
+def paired_sentence(comparison: PairedComparison) -> str:
   """Plain words for one paired comparison."""
-  what = f"{pc['b']} − {pc['a']} ({pc['metric']} accuracy)"
-  n = pc["n"]
+  what = f"{comparison.b} − {comparison.a} ({comparison.metric} accuracy)"
+  n, mean, p = comparison.n, comparison.mean, comparison.p
   if n == 0:
     return f"{what}: no seed has finished runs of both, nothing to compare."
-  if pc["p"] is None:
-    return (f"{what}: {pc['mean']:+.2f} points at n={n}; no test possible ({pc['reason']}), "
+  if p is None:
+    return (f"{what}: {mean:+.2f} points at n={n}; no test possible ({comparison.reason}), "
             "so no conclusion either way.")
-  if pc["p"] < ALPHA:
-    direction = "higher" if pc["mean"] > 0 else "lower"
-    return (f"{what}: {pc['b']} is significantly {direction} than {pc['a']} at n={n} "
-            f"(mean {pc['mean']:+.2f} points, paired t-test two-sided p={_fmt_p(pc['p'])} "
-            f"< {ALPHA}).")
-  return (f"{what}: no significant difference at n={n} (mean {pc['mean']:+.2f} points, "
-          f"paired t-test two-sided p={_fmt_p(pc['p'])} ≥ {ALPHA}).")
+  if p < ALPHA:
+    direction = "higher" if mean > 0 else "lower"
+    return (f"{what}: {comparison.b} is significantly {direction} than {comparison.a} at n={n} "
+            f"(mean {mean:+.2f} points, paired t-test two-sided p={_fmt_p(p)} < {ALPHA}).")
+  return (f"{what}: no significant difference at n={n} (mean {mean:+.2f} points, "
+          f"paired t-test two-sided p={_fmt_p(p)} ≥ {ALPHA}).")
 
 
-def _published_line(dataset: str) -> str:
-  numbers = PUBLISHED[dataset]
+def _published_line(group: GroupSummary) -> str:
+  """The paper's numbers for the group's data set, with the protocol that produced them."""
+  numbers = PUBLISHED[group.dataset]
   parts = [f"{v} {a} {numbers[(v, a)]:.2f}" for v, a in
            sorted(numbers, key=lambda k: (variant_sort(k[0]), int(k[1].replace("seresnet", ""))))]
-  return (f"{PUBLISHED_LABEL}, {PAPER_NAMES[dataset]}, best test accuracy (%): "
-          + ", ".join(parts) + ". The paper's multi and multi_cos models have 2 heads; it trained "
-          "from scratch with timm's ImageNet stem and its own recipe (REFERENCE.md): compare "
-          "recipes before comparing numbers.")
+  text = (f"{PUBLISHED_LABEL}, {PAPER_NAMES[group.dataset]}, best test accuracy (%): "
+          + ", ".join(parts) + ". The paper's multi and multi_cos models have 2 heads, head 0 "
+          f"its trained single model, frozen (protocol {PUBLISHED_PROTOCOL}), with timm's "
+          "ImageNet stem and its own recipe (docs/reference.md): ")
+  if group.protocol != PUBLISHED_PROTOCOL:
+    return text + (f"this section's runs are protocol {group.protocol}: compare protocols and "
+                   "recipes before comparing numbers.")
+  return text + "compare recipes before comparing numbers."
 
 
-def render_group(group: dict) -> list:
-  """Markdown lines of one (dataset, arch) section."""
-  published = group["published"] is not None
-  lines = [f"## {group['dataset']} / {group['arch']}", ""]
-  if any(r["smoke"] for r in group["rows"]):
-    lines += ["**Includes smoke runs** (shrunk model, data and steps): not comparable.", ""]
+def _table_lines(group: GroupSummary) -> list:
+  """The group's table: a line per variant."""
+  published = group.published is not None
   header = ["variant", "heads", "best acc (%)", "final acc (%)", "seeds", "params", "images/s",
             "final head cos"]
-  if published:
-    header.append(f"{PUBLISHED_LABEL} (%)")
-  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for row in group["rows"]:
-    cells = [row["variant"], _fmt_list(row["heads"], str), fmt_pm(row["best"]),
-             fmt_pm(row["final"]), fmt_seeds(row), _fmt_list(row["params"], "{:,}".format),
-             "–" if row["images_per_s"] is None else f"{row['images_per_s']:.0f}",
-             "–" if row["head_cosine"] is None else f"{row['head_cosine']:.3f}"]
+  if published:  # the paper's numbers came from one protocol: say so next to another's rows
+    header.append(f"{PUBLISHED_LABEL} (%)" if group.protocol == PUBLISHED_PROTOCOL
+                  else f"{PUBLISHED_LABEL} (%), protocol {PUBLISHED_PROTOCOL}")
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for row in group.rows:
+    cells = [row.variant, _fmt_list(row.heads, str), fmt_pm(row.best), fmt_pm(row.final),
+             fmt_seeds(row), _fmt_list(row.params, "{:,}".format),
+             _fmt_optional(row.images_per_s, ".0f"), _fmt_optional(row.head_cosine, ".3f")]
     if published:
-      cells.append("–" if row["published"] is None else f"{row['published']:.2f}")
+      cells.append(_fmt_optional(row.published, ".2f"))
     lines.append("| " + " | ".join(cells) + " |")
+  return lines + [""]
+
+
+def _running_lines(group: GroupSummary) -> list:
+  """A line per running run of the group, which the statistics leave out."""
+  lines = [f"- running (not in the statistics): {row.variant} seed {run.seed}, "
+           f"{run.progress()}, {run.current_best()}"
+           for row in group.rows for run in row.running_runs]
+  return lines + [""] if lines else []
+
+
+def _paired_lines(group: GroupSummary) -> list:
+  """The multi_cos - multi table and sentences (the group has both variants)."""
+  lines = ["### multi_cos − multi, paired by seed", "",
+           "| metric | mean diff (points) | std of diffs | n pairs | t | p (two-sided) |",
+           "|---|---|---|---|---|---|"]
+  for comparison in group.paired:
+    if comparison.t is None:
+      t = p = f"n/a ({comparison.reason})"
+    else:
+      t, p = f"{comparison.t:.3f}", _fmt_p(comparison.p)
+    lines.append(f"| {comparison.metric} acc | {_fmt_optional(comparison.mean, '+.2f')} | "
+                 f"{_fmt_optional(comparison.std, '.2f')} | {comparison.n} | {t} | {p} |")
   lines.append("")
-  for row in group["rows"]:
-    for r in row["running_runs"]:
-      best = "no eval yet" if r.best is None else f"current best {100 * r.best:.2f}"
-      lines.append(f"- running (not in the statistics): {row['variant']} seed {r.seed}, "
-                   f"{r.progress()}, {best}")
-  if any(row["running_runs"] for row in group["rows"]):
-    lines.append("")
-  if published:
-    lines += [_published_line(group["dataset"]), ""]
+  lines += [paired_sentence(comparison) for comparison in group.paired]
+  unpaired = group.paired[0].unpaired
+  if unpaired:
+    lines.append("Left out of the pairing: " + "; ".join(unpaired) + ".")
+  return lines + [""]
+
+
+def render_group(group: GroupSummary) -> list:
+  """Markdown lines of one (dataset, protocol, arch) section."""
+  lines = [f"## {group.title}", ""]
+  if any(row.smoke for row in group.rows):
+    lines += ["**Includes smoke runs** (shrunk model, data and steps): not comparable.", ""]
+  lines += _table_lines(group) + _running_lines(group)
+  if group.published is not None:
+    lines += [_published_line(group), ""]
   else:
-    lines += [f"No published numbers: {group['dataset']} is not one of the paper's data sets.",
-              ""]
-  variants = {row["variant"] for row in group["rows"]}
-  if {"multi", "multi_cos"} <= variants:
-    lines += ["### multi_cos − multi, paired by seed", "",
-              "| metric | mean diff (points) | std of diffs | n pairs | t | p (two-sided) |",
-              "|---|---|---|---|---|---|"]
-    for pc in group["paired"]:
-      mean = "–" if pc["mean"] is None else f"{pc['mean']:+.2f}"
-      std = "–" if pc["std"] is None else f"{pc['std']:.2f}"
-      if pc["t"] is None:
-        t = p = f"n/a ({pc['reason']})"
-      else:
-        t, p = f"{pc['t']:.3f}", _fmt_p(pc["p"])
-      lines.append(f"| {pc['metric']} acc | {mean} | {std} | {pc['n']} | {t} | {p} |")
-    lines.append("")
-    lines += [paired_sentence(pc) for pc in group["paired"]]
-    unpaired = group["paired"][0]["unpaired"]
-    if unpaired:
-      lines.append("Left out of the pairing: " + "; ".join(unpaired) + ".")
-    lines.append("")
+    lines += [f"No published numbers: {group.dataset} is not one of the paper's data sets.", ""]
+  if group.has_pair:
+    lines += _paired_lines(group)
   return lines
 
 
-def _fmt_missing(m: dict) -> str:
-  what = " / ".join("?" if m[k] is None else str(m[k]) for k in ("dataset", "arch", "variant"))
-  text = f"- {what}, seed {'?' if m['seed'] is None else m['seed']}"
-  if m["workdir"]:
-    text += f" (workdir `{m['workdir']}`)"
-  return text + (" — planned in sweep.json, no results.json" if m["source"] == "sweep.json"
+def _fmt_missing(missing: MissingRun) -> str:
+  text = f"- {run_title(missing)}, seed {'?' if missing.seed is None else missing.seed}"
+  if missing.workdir:
+    text += f" (workdir `{missing.workdir}`)"
+  return text + (" — planned in sweep.json, no results.json" if missing.source == PLANNED
                  else " — inferred: other variants have this seed (no sweep.json)")
+
+
+def _missing_section(runs: list, missing: list) -> list:
+  """The closing "Missing / in progress" section: running runs, then missing runs."""
+  running = [r for r in runs if not r.finished]
+  lines = ["## Missing / in progress", ""]
+  if not running and not missing:
+    return lines + ["none", ""]
+  lines += ["### In progress", ""]
+  lines += [f"- {run_title(r)}, seed {r.seed}: {r.progress()}, "
+            f"{r.current_best()} — `{r.path}`" for r in running] or ["none"]
+  lines += ["", "### Missing runs", ""]
+  lines += [_fmt_missing(m) for m in missing] or ["none"]
+  return lines + [""]
 
 
 def render_markdown(table: list, runs: list, missing: list, dirs: list,
                     plan: Optional[list]) -> str:
   """The whole report.md."""
-  n_fin = sum(r.finished for r in runs)
+  n_finished = sum(r.finished for r in runs)
   lines = ["# Sweep report", "",
            f"Sources: {', '.join(f'`{d}`' for d in dirs)}: {len(runs)} runs "
-           f"({n_fin} finished, {len(runs) - n_fin} running); "
+           f"({n_finished} finished, {len(runs) - n_finished} running); "
            + (f"sweep.json plans {len(plan)} runs." if plan is not None
               else "no sweep.json (missing runs are inferred)."),
            "",
@@ -750,32 +912,19 @@ def render_markdown(table: list, runs: list, missing: list, dirs: list,
            "Figures: comparison.png, curves.png, diversity.png.", ""]
   for group in table:
     lines += render_group(group)
-  running = [r for r in runs if not r.finished]
-  lines += ["## Missing / in progress", ""]
-  if not running and not missing:
-    lines += ["none", ""]
-    return "\n".join(lines)
-  lines += ["### In progress", ""]
-  lines += [f"- {r.dataset} / {r.arch} / {r.variant}, seed {r.seed}: {r.progress()}, "
-            + ("no eval yet" if r.best is None else f"current best {100 * r.best:.2f}")
-            + f" — `{r.path}`" for r in running] or ["none"]
-  lines += ["", "### Missing runs", ""]
-  lines += [_fmt_missing(m) for m in missing] or ["none"]
-  lines.append("")
-  return "\n".join(lines)
+  return "\n".join(lines + _missing_section(runs, missing))
 
 
 def summary_text(table: list, runs: list, missing: list, out: str) -> str:
   """A few lines for stdout."""
   lines = []
   for group in table:
-    parts = [f"{row['variant']} {fmt_pm(row['best'])} ({fmt_seeds(row)})"
-             for row in group["rows"]]
-    lines.append(f"{group['dataset']}/{group['arch']}: " + "; ".join(parts))
-    if {"multi", "multi_cos"} <= {row["variant"] for row in group["rows"]}:
-      lines.append("  " + paired_sentence(group["paired"][0]))
-  n_run = sum(not r.finished for r in runs)
-  lines.append(f"{len(runs)} runs ({len(runs) - n_run} finished, {n_run} running), "
+    parts = [f"{row.variant} {fmt_pm(row.best)} ({fmt_seeds(row)})" for row in group.rows]
+    lines.append(f"{group_title(group.key, sep='/')}: " + "; ".join(parts))
+    if group.has_pair:
+      lines.append("  " + paired_sentence(group.paired[0]))
+  n_running = sum(not r.finished for r in runs)
+  lines.append(f"{len(runs)} runs ({len(runs) - n_running} finished, {n_running} running), "
                f"{len(missing)} missing")
   lines.append(f"wrote {', '.join(os.path.join(out, f) for f in FIGURES + ('report.md',))}")
   return "\n".join(lines)
@@ -806,7 +955,7 @@ def build(dirs: list, out: str, warn: Callable[[str], None]) -> str:
   runs = load_runs(paths, warn)
   if not runs:
     raise ReportError(f"no readable results.json under {where} ({len(paths)} skipped)")
-  plan = load_plan(dirs, warn)
+  plan = sweepfile.planned_runs(dirs, warn)
   table = aggregate(runs, plan)
   missing = missing_runs(runs, plan)
   os.makedirs(out, exist_ok=True)

@@ -8,15 +8,20 @@ r"""A sweep over data set x variant x arch x seed: one workdir per run, run one 
 
 Each run trains in SWEEP_DIR/<dataset>/<arch>/<variant>/seed<N> with
 `python -m featdiv_jax.main --config=configs/<file>.py:<variant>[,extra...],arch=<arch>,seed=<N>`.
+The protocol (configlib's `protocol`, set by `--extra protocol=pretrained_head` or a data set's
+`paper` word) is part of a run's identity: a pretrained_head run trains in
+SWEEP_DIR/<dataset>/pretrained_head/<arch>/<variant>/seed<N>, so that it never shares a workdir
+with the scratch run of the same grid point, and its grid must hold `single`: the single runs
+(stage 1) come first, and each multi/multi_cos run (stage 2) gets
+`--config.model.init_from=<the workdir of the single run of its dataset, arch and seed>`.
 `run` skips runs whose results.json says finished and re-runs (= resumes from the checkpoints)
 interrupted ones. SWEEP_DIR/sweep.json lists every run planned in the directory (the union of
-every grid planned there). Imports no TensorFlow (`prepare` calls the data module for that);
-jax only to list the model names.
+every grid planned there; featdiv_jax.sweepfile reads and writes it). Imports no TensorFlow
+(`prepare` calls the data module for that); jax only to list the model names.
 """
 
 import argparse
-import datetime
-import json
+import itertools
 import os
 import pathlib
 import shlex
@@ -26,6 +31,8 @@ import sys
 import time
 
 from featdiv_jax import configlib
+from featdiv_jax import files
+from featdiv_jax import sweepfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Sweep data set name -> config file (relative to the repository root).
@@ -37,7 +44,8 @@ DATASET_CONFIGS = {
     "oxford_flowers102": "configs/flowers102.py",
 }
 EMBEDDED_DATASETS = ("digits",)  # ship with scikit-learn: nothing to download or prepare
-SWEEP_FILE = "sweep.json"
+SCRATCH, PRETRAINED_HEAD = "scratch", "pretrained_head"  # configlib.PROTOCOLS
+STAGE_1 = "single"  # the variant pretrained_head trains first and takes head 0 from
 
 
 class SweepError(ValueError):
@@ -104,9 +112,10 @@ def _check_extra(extra: list) -> None:
     key = token.partition("=")[0]
     if key in ("arch", "seed"):
       raise SweepError(f"--extra {token!r}: {key} is a sweep axis; valid: --{key}s instead")
-    if "=" not in token and token not in configlib.FLAGS_WORDS:
+    words = configlib.FLAGS_WORDS + (configlib.PAPER,)
+    if "=" not in token and token not in words:
       raise SweepError(f"bad --extra value {token!r}; valid: "
-                       f"{', '.join(configlib.FLAGS_WORDS)}, or key=value with key in "
+                       f"{', '.join(words)}, or key=value with key in "
                        f"{', '.join(k for k in configlib.ARG_KEYS if k not in ('arch', 'seed'))}")
 
 
@@ -117,6 +126,9 @@ def _check_main_flags(flags: list) -> None:
     if not flag.startswith("--") or name in ("--config", "--workdir"):
       raise SweepError(f"bad --main-flag {flag!r}; valid: a flag of featdiv_jax.main other "
                        f"than --config/--workdir, e.g. --main-flag=--config.batch_size=128")
+    if name == "--config.protocol":  # the protocol decides the workdirs and the run order
+      raise SweepError(f"bad --main-flag {flag!r}: the sweep lays its runs out by protocol; "
+                       f"valid: --extra protocol=<{'|'.join(configlib.PROTOCOLS)}>")
     if name.startswith("--config."):
       why = configlib.unknown_field(base, name[len("--config."):])
       if why:
@@ -133,29 +145,57 @@ def expand(sweep_dir: str, datasets, variants, arch_names, seeds, extra=(), main
   extra, main_flags = _split(extra), list(main_flags or [])
   _check_extra(extra)
   _check_main_flags(main_flags)
+  workdir_root = os.path.abspath(sweep_dir) if absolute else sweep_dir  # in the commands
   runs, seen = [], set()
-  for ds in datasets:
-    config_file = DATASET_CONFIGS[ds]
-    for arch in arch_names:
-      for variant in variants:
-        for seed in seeds:
-          arg = ",".join([variant, *extra, f"arch={arch}", f"seed={seed}"])
-          try:
-            config = _load_config(config_file, arg)
-          except configlib.ConfigError as e:
-            raise SweepError(f"--extra {','.join(extra)!r}: {e}") from None
-          name = config.dataset.name  # the TFDS name: flowers102 and its alias share a dir
-          workdir = os.path.join(name, arch, variant, f"seed{seed}")
-          if workdir in seen:
-            continue
-          seen.add(workdir)
-          runs.append(dict(dataset=name, arch=arch, variant=variant, seed=seed, workdir=workdir,
-                           config=f"{config_file}:{arg}",
-                           command=main_command(
-                               python, f"{config_file}:{arg}",
-                               os.path.join(os.path.abspath(sweep_dir) if absolute else sweep_dir,
-                                            workdir), main_flags)))
-  return runs
+  for dataset, arch, variant, seed in itertools.product(datasets, arch_names, variants, seeds):
+    run = _grid_run(workdir_root, dataset, arch, variant, seed, extra, main_flags, python)
+    if run["workdir"] not in seen:  # flowers102 and its alias oxford_flowers102 share a dir
+      seen.add(run["workdir"])
+      runs.append(run)
+  if STAGE_1 not in variants and any(run["protocol"] == PRETRAINED_HEAD for run in runs):
+    raise SweepError(f"--variants {','.join(variants)} lacks {STAGE_1}, which protocol="
+                     f"{PRETRAINED_HEAD} trains first and takes head 0 of every multi-head run "
+                     f"from; valid: --variants with {STAGE_1}, e.g. {','.join(configlib.VARIANTS)}")
+  # Stage 2 reads stage 1's workdir: every stage-1 run before any stage-2 run (a stable sort:
+  # a scratch grid keeps its order).
+  return sorted(runs, key=_is_stage_2)
+
+
+def _is_stage_2(run: dict) -> bool:
+  return run["protocol"] == PRETRAINED_HEAD and run["variant"] != STAGE_1
+
+
+def run_workdir(dataset: str, protocol: str, arch: str, variant: str, seed: int) -> str:
+  """A run's workdir under the sweep directory: scratch runs keep the layout of sweeps that
+  predate protocols; other protocols get a directory level of their own."""
+  parts = [dataset] + ([] if protocol == SCRATCH else [protocol])
+  return os.path.join(*parts, arch, variant, f"seed{seed}")
+
+
+def _grid_run(workdir_root: str, dataset: str, arch: str, variant: str, seed: int, extra: list,
+              main_flags: list, python: str) -> dict:
+  """One run of the grid, as sweep.json stores it (its command's workdir under `workdir_root`);
+  SweepError for a bad --extra."""
+  config_file = DATASET_CONFIGS[dataset]
+  arg = ",".join([variant, *extra, f"arch={arch}", f"seed={seed}"])
+  try:
+    config = _load_config(config_file, arg)
+  except configlib.ConfigError as e:
+    raise SweepError(f"--extra {','.join(extra)!r}: {e}") from None
+  protocol = config.protocol
+  if protocol not in configlib.PROTOCOLS:  # it names a directory level: refuse it here
+    raise SweepError(f"--extra {','.join(extra)!r}: unknown protocol {protocol!r}; valid: "
+                     f"{', '.join(configlib.PROTOCOLS)}")
+  name = config.dataset.name  # the TFDS name, which names the workdir
+  workdir = run_workdir(name, protocol, arch, variant, seed)
+  flags = list(main_flags)
+  if protocol == PRETRAINED_HEAD and variant != STAGE_1:  # stage 2: head 0 from stage 1
+    stage_1 = run_workdir(name, protocol, arch, STAGE_1, seed)
+    flags.append(f"--config.model.init_from={os.path.join(workdir_root, stage_1)}")
+  return dict(dataset=name, protocol=protocol, arch=arch, variant=variant, seed=seed,
+              workdir=workdir, config=f"{config_file}:{arg}",
+              command=main_command(python, f"{config_file}:{arg}",
+                                   os.path.join(workdir_root, workdir), flags))
 
 
 def main_command(python: str, config: str, workdir: str, main_flags=()) -> list:
@@ -163,56 +203,18 @@ def main_command(python: str, config: str, workdir: str, main_flags=()) -> list:
           *main_flags]
 
 
-def load_plan(sweep_dir: str):
-  path = os.path.join(sweep_dir, SWEEP_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def write_plan(sweep_dir: str, runs: list, argv: list) -> dict:
-  """Writes sweep.json: the union of the runs already there and `runs` (same workdir: the new
-  command wins, with a note)."""
-  os.makedirs(sweep_dir, exist_ok=True)
-  now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-  plan = load_plan(sweep_dir) or {"created": now, "runs": [], "invocations": []}
-  by_workdir = {r["workdir"]: i for i, r in enumerate(plan["runs"])}
-  added = 0
-  for run in runs:
-    i = by_workdir.get(run["workdir"])
-    if i is None:
-      by_workdir[run["workdir"]] = len(plan["runs"])
-      plan["runs"].append(run)
-      added += 1
-    elif plan["runs"][i]["command"] != run["command"]:
-      log(f"note: {run['workdir']}: command changed from "
-          f"{shlex.join(plan['runs'][i]['command'])} to {shlex.join(run['command'])}")
-      plan["runs"][i] = run
-  if plan["runs"] and added and added < len(plan["runs"]):
-    log(f"{SWEEP_FILE}: added {added} runs to the {len(plan['runs']) - added} already planned")
-  plan["updated"] = now
-  plan.setdefault("invocations", []).append({"time": now, "argv": argv})
-  tmp = os.path.join(sweep_dir, f".{SWEEP_FILE}.tmp.{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump(plan, f, indent=2)
-  os.replace(tmp, os.path.join(sweep_dir, SWEEP_FILE))
-  return plan
-
-
 def run_state(workdir: str) -> str:
   """'finished', 'in progress' (checkpoints or an unfinished results.json) or 'not started'."""
   results = os.path.join(workdir, "results.json")
   if os.path.exists(results):
     try:
-      with open(results) as f:
-        if json.load(f).get("finished") is True:
-          return "finished"
+      if files.read_json(results).get("finished") is True:
+        return "finished"
     except (OSError, ValueError):
       pass
     return "in progress"
-  ckpts = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(ckpts) and os.listdir(ckpts):
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(checkpoints) and os.listdir(checkpoints):
     return "in progress"
   return "not started"
 
@@ -221,12 +223,18 @@ def log(message: str) -> None:
   print(f"sweep: {message}", flush=True)
 
 
-def _is_primary_process() -> bool:
-  """Only process 0 of a multi-host run writes results.json."""
-  for var in ("TPU_WORKER_ID", "SLURM_PROCID", "JAX_PROCESS_ID"):
-    if os.environ.get(var, "0") not in ("", "0"):
-      return False
-  return True
+# Where a launcher or cluster says which process of a multi-host job this one is:
+# launch/tpu_vm.sh exports FEATDIV_PROCESS_ID (a Cloud TPU VM worker's agent-worker-number from
+# its metadata server: Cloud TPU VMs set no TPU_WORKER_ID), GKE sets TPU_WORKER_ID, srun
+# SLURM_PROCID (featdiv_jax.distributed names FEATDIV_PROCESS_ID too; this module imports no jax).
+PROCESS_ID_VARS = ("FEATDIV_PROCESS_ID", "TPU_WORKER_ID", "SLURM_PROCID", "JAX_PROCESS_ID")
+
+
+def _is_primary_process(environ=None) -> bool:
+  """Only process 0 of a multi-host run writes results.json: False when any of
+  PROCESS_ID_VARS names another process (unset or empty: this one may be the only one)."""
+  env = os.environ if environ is None else environ
+  return all(env.get(var, "").strip() in ("", "0") for var in PROCESS_ID_VARS)
 
 
 class _Signals:
@@ -260,6 +268,53 @@ class _Signals:
     for sig, previous in self._previous.items():
       signal.signal(sig, previous)
 
+  def run_child(self, command: list) -> int:
+    """Runs `command` from the repository root as the child signals go to; its exit code."""
+    # Own process group: a terminal's Ctrl-C reaches only the sweep, which forwards SIGTERM so
+    # that the run saves a checkpoint instead of dying mid-step.
+    self.child = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+    try:
+      return self.child.wait()
+    finally:
+      if self.child.poll() is None:  # an exception in this process: don't leave it behind
+        self.child.terminate()
+        self.child.wait()
+      self.child = None
+
+
+def _local_command(run: dict, workdir: str) -> list:
+  """The run's planned command with this process's Python and an absolute workdir."""
+  command = [sys.executable, *run["command"][1:]]
+  return [f"--workdir={os.path.abspath(workdir)}" if arg.startswith("--workdir=") else arg
+          for arg in command]
+
+
+def _run_one(sweep_dir: str, run: dict, where: str, signals: _Signals) -> tuple:
+  """Runs one planned run unless it is finished: (outcome, exit code), with the outcome
+  'skipped', 'finished', 'failed' or 'stopped' (by a signal)."""
+  workdir = os.path.join(sweep_dir, run["workdir"])
+  state = run_state(workdir)
+  if state == "finished":
+    log(f"{where} skip {run['workdir']}: finished")
+    return "skipped", 0
+  command = _local_command(run, workdir)
+  verb = "resume" if state == "in progress" else "start"
+  log(f"{where} {verb} {run['workdir']}: {shlex.join(command)}")
+  started = time.monotonic()
+  returncode = signals.run_child(command)
+  took = time.monotonic() - started
+  if returncode == 0 and (run_state(workdir) == "finished" or not _is_primary_process()):
+    log(f"{where} done {run['workdir']} in {took:.1f} s")
+    return "finished", returncode
+  if signals.received:
+    log(f"{where} stopped {run['workdir']} after {took:.1f} s (exit code {returncode}); "
+        f"re-run the sweep to resume it")
+    return "stopped", returncode
+  why = (f"exit code {returncode}" if returncode
+         else "exit code 0 but results.json is not finished")
+  log(f"{where} FAILED {run['workdir']} after {took:.1f} s ({why})")
+  return "failed", returncode
+
 
 def run_sweep(sweep_dir: str, runs: list, keep_going: bool = False) -> int:
   """Runs `runs` one after another in this process's Python; returns the sweep's exit code."""
@@ -267,53 +322,24 @@ def run_sweep(sweep_dir: str, runs: list, keep_going: bool = False) -> int:
   counts = {"finished": 0, "skipped": 0, "failed": 0}
   failures, code = [], 0
   with _Signals() as signals:
-    for i, r in enumerate(runs, 1):
+    for i, run in enumerate(runs, 1):
       if signals.received:
         break
-      workdir = os.path.join(sweep_dir, r["workdir"])
-      state = run_state(workdir)
-      if state == "finished":
-        log(f"[{i}/{len(runs)}] skip {r['workdir']}: finished")
-        counts["skipped"] += 1
-        continue
-      cmd = [sys.executable, *r["command"][1:]]
-      cmd = [f"--workdir={os.path.abspath(workdir)}" if a.startswith("--workdir=") else a
-             for a in cmd]
-      verb = "resume" if state == "in progress" else "start"
-      log(f"[{i}/{len(runs)}] {verb} {r['workdir']}: {shlex.join(cmd)}")
-      t0 = time.monotonic()
-      # Own process group: a terminal's Ctrl-C reaches only the sweep, which forwards SIGTERM so
-      # that the run saves a checkpoint instead of dying mid-step.
-      signals.child = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
-      try:
-        rc = signals.child.wait()
-      finally:
-        if signals.child.poll() is None:  # an exception in this process: don't leave it behind
-          signals.child.terminate()
-          signals.child.wait()
-        signals.child = None
-      took = time.monotonic() - t0
-      if rc == 0 and (run_state(workdir) == "finished" or not _is_primary_process()):
-        log(f"[{i}/{len(runs)}] done {r['workdir']} in {took:.1f} s")
-        counts["finished"] += 1
-        continue
-      if signals.received:
-        log(f"[{i}/{len(runs)}] stopped {r['workdir']} after {took:.1f} s (exit code {rc}); "
-            f"re-run the sweep to resume it")
+      outcome, returncode = _run_one(sweep_dir, run, f"[{i}/{len(runs)}]", signals)
+      if outcome == "stopped":
         break
-      why = f"exit code {rc}" if rc else "exit code 0 but results.json is not finished"
-      log(f"[{i}/{len(runs)}] FAILED {r['workdir']} after {took:.1f} s ({why})")
-      counts["failed"] += 1
-      failures.append(r["workdir"])
-      code = code or (rc if rc > 0 else 1)
-      if not keep_going:
-        break
+      counts[outcome] += 1
+      if outcome == "failed":
+        failures.append(run["workdir"])
+        code = code or (returncode if returncode > 0 else 1)
+        if not keep_going:
+          break
   rest = len(runs) - sum(counts.values())
   log(f"summary: {counts['finished']} ran to the end, {counts['skipped']} skipped (finished "
       f"before), {counts['failed']} failed, {rest} not run; wall time "
       f"{time.monotonic() - start:.1f} s")
-  for w in failures:
-    log(f"failed: {w} (log above; re-run the sweep to retry it)")
+  for workdir in failures:
+    log(f"failed: {workdir} (log above; re-run the sweep to retry it)")
   if signals.received:
     log(f"interrupted by {signal.Signals(signals.received).name}")
     return 128 + signals.received
@@ -322,7 +348,7 @@ def run_sweep(sweep_dir: str, runs: list, keep_going: bool = False) -> int:
 
 def prepare(runs: list, data_dir: str) -> int:
   """Downloads and prepares the TFDS data sets of `runs` (network; digits needs nothing)."""
-  names = _unique(r["dataset"] for r in runs if r["dataset"] not in EMBEDDED_DATASETS)
+  names = _unique(run["dataset"] for run in runs if run["dataset"] not in EMBEDDED_DATASETS)
   if not names:
     log("nothing to prepare (only embedded data sets)")
     return 0
@@ -338,14 +364,21 @@ def prepare(runs: list, data_dir: str) -> int:
 
 
 def print_status(sweep_dir: str, runs: list) -> None:
-  rows = [(r["dataset"], r["arch"], r["variant"], str(r["seed"]),
-           run_state(os.path.join(sweep_dir, r["workdir"])), r["workdir"]) for r in runs]
-  header = ("dataset", "arch", "variant", "seed", "state", "workdir")
-  widths = [max(len(x[i]) for x in rows + [header]) for i in range(len(header))]
+  """A line per run; a protocol column only when some run is not scratch (sweep.json entries
+  written before protocols have no `protocol`: they are scratch)."""
+  protocols = [run.get("protocol") or SCRATCH for run in runs]
+  with_protocol = any(protocol != SCRATCH for protocol in protocols)
+  rows = [(run["dataset"], *([protocol] if with_protocol else []), run["arch"], run["variant"],
+           str(run["seed"]), run_state(os.path.join(sweep_dir, run["workdir"])), run["workdir"])
+          for run, protocol in zip(runs, protocols)]
+  header = ("dataset", *(["protocol"] if with_protocol else []), "arch", "variant", "seed",
+            "state", "workdir")
+  widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
   for row in [header] + rows:
-    print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-  states = [row[4] for row in rows]
-  print(", ".join(f"{states.count(s)} {s}" for s in ("finished", "in progress", "not started")))
+    print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+  states = [row[-2] for row in rows]
+  print(", ".join(f"{states.count(state)} {state}"
+                  for state in ("finished", "in progress", "not started")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,45 +391,65 @@ def build_parser() -> argparse.ArgumentParser:
   grid.add_argument("--archs", help="comma-separated SE-ResNet archs (default: seresnet18)")
   grid.add_argument("--seeds", help="comma-separated or a range, e.g. 0,1,2 or 0-4 (default: 0)")
   grid.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE,...",
-                    help="config arguments for every run, e.g. smoke or epochs=2,batch=128")
+                    help="config arguments for every run, e.g. smoke or epochs=2,batch=128; "
+                         "protocol=pretrained_head (or a data set's paper word) plans the "
+                         "two-stage runs")
   grid.add_argument("--main-flag", action="append", default=[], metavar="FLAG",
                     help="a flag passed to every featdiv_jax.main, e.g. "
                          "--main-flag=--config.dataset.data_dir=/data/tfds (repeatable)")
-  p = argparse.ArgumentParser(
+  parser = argparse.ArgumentParser(
       prog="python -m featdiv_jax.sweep", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = p.add_subparsers(dest="action", required=True, metavar="{plan,status,run,commands,prepare}")
-  sub.add_parser("plan", parents=[grid], help="write/extend SWEEP_DIR/sweep.json")
-  sub.add_parser("status", parents=[grid], help="finished / in progress / not started per run "
-                 "(all runs of sweep.json when no grid option is given)")
-  r = sub.add_parser("run", parents=[grid], help="plan, then run locally one after another")
-  r.add_argument("--keep-going", action="store_true", help="continue after a failed run")
-  c = sub.add_parser("commands", parents=[grid], help="print one shell command per run")
-  c.add_argument("--python", default="python", help="interpreter in the printed commands")
-  c.add_argument("--prefix", default="", help="put before each command, e.g. 'srun -N2'")
-  c.add_argument("--pending", action="store_true", help="only runs that are not finished")
-  c.add_argument("--absolute", action="store_true",
-                 help="absolute workdirs (default: under --sweep-dir as given); the config "
-                      "paths are relative to the repository root: run the commands from there")
-  d = sub.add_parser("prepare", parents=[grid], help="download + prepare the grid's TFDS data")
-  d.add_argument("--data-dir", default="", help="TFDS data dir ('' = TFDS default)")
-  return p
+  actions = parser.add_subparsers(dest="action", required=True,
+                                  metavar="{plan,status,run,commands,prepare}")
+  actions.add_parser("plan", parents=[grid], help="write/extend SWEEP_DIR/sweep.json")
+  actions.add_parser("status", parents=[grid], help="finished / in progress / not started per "
+                     "run (all runs of sweep.json when no grid option is given)")
+  run = actions.add_parser("run", parents=[grid],
+                           help="plan, then run locally one after another")
+  run.add_argument("--keep-going", action="store_true", help="continue after a failed run")
+  commands = actions.add_parser("commands", parents=[grid],
+                                help="print one shell command per run")
+  commands.add_argument("--python", default="python", help="interpreter in the printed commands")
+  commands.add_argument("--prefix", default="", help="put before each command, e.g. 'srun -N2'")
+  commands.add_argument("--pending", action="store_true",
+                        help="only runs that are not finished")
+  commands.add_argument("--absolute", action="store_true",
+                        help="absolute workdirs (default: under --sweep-dir as given); the "
+                             "config paths are relative to the repository root: run the "
+                             "commands from there")
+  prepare_data = actions.add_parser("prepare", parents=[grid],
+                                    help="download + prepare the grid's TFDS data")
+  prepare_data.add_argument("--data-dir", default="", help="TFDS data dir ('' = TFDS default)")
+  return parser
+
+
+def _selected_runs(args) -> list:
+  """The runs the action is about: all of sweep.json's for `status` without grid options, else
+  the grid's. SweepError for bad grid input, OSError or ValueError for an unreadable sweep.json."""
+  grid_given = any(v is not None for v in (args.datasets, args.variants, args.archs, args.seeds))
+  plan = sweepfile.read_plan(args.sweep_dir)
+  if args.action == "status" and not grid_given and plan is not None:
+    return plan["runs"]
+  return expand(args.sweep_dir, args.datasets or "digits",
+                args.variants or ",".join(configlib.VARIANTS), args.archs or "seresnet18",
+                args.seeds or "0", args.extra, args.main_flag,
+                python=getattr(args, "python", "python"),
+                absolute=args.action != "commands" or args.absolute)
+
+
+def print_commands(sweep_dir: str, runs: list, prefix: str, pending: bool) -> None:
+  for run in runs:
+    if pending and run_state(os.path.join(sweep_dir, run["workdir"])) == "finished":
+      continue
+    print(shlex.join(shlex.split(prefix) + run["command"]))
 
 
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(argv)
-  grid_given = any(v is not None for v in (args.datasets, args.variants, args.archs, args.seeds))
   try:
-    plan = load_plan(args.sweep_dir)
-    if args.action == "status" and not grid_given and plan is not None:
-      runs = plan["runs"]
-    else:
-      runs = expand(args.sweep_dir, args.datasets or "digits",
-                    args.variants or ",".join(configlib.VARIANTS), args.archs or "seresnet18",
-                    args.seeds or "0", args.extra, args.main_flag,
-                    python=getattr(args, "python", "python"),
-                    absolute=args.action != "commands" or args.absolute)
+    runs = _selected_runs(args)
   except SweepError as e:
     print(f"featdiv_jax.sweep: error: {e}", file=sys.stderr)
     return 2
@@ -404,23 +457,19 @@ def main(argv=None) -> int:
     print(f"featdiv_jax.sweep: error: {type(e).__name__}: {e}", file=sys.stderr)
     return 2
   if args.action == "plan":
-    plan = write_plan(args.sweep_dir, runs, argv)
+    plan = sweepfile.add_runs(args.sweep_dir, runs, argv, log)
     log(f"{len(runs)} runs in this grid, {len(plan['runs'])} in "
-        f"{os.path.join(args.sweep_dir, SWEEP_FILE)}")
+        f"{sweepfile.plan_path(args.sweep_dir)}")
     return 0
   if args.action == "status":
     print_status(args.sweep_dir, runs)
     return 0
   if args.action == "commands":
-    prefix = shlex.split(args.prefix)
-    for r in runs:
-      if args.pending and run_state(os.path.join(args.sweep_dir, r["workdir"])) == "finished":
-        continue
-      print(shlex.join(prefix + r["command"]))
+    print_commands(args.sweep_dir, runs, args.prefix, args.pending)
     return 0
   if args.action == "prepare":
     return prepare(runs, args.data_dir)
-  write_plan(args.sweep_dir, runs, argv)
+  sweepfile.add_runs(args.sweep_dir, runs, argv, log)
   log(f"{len(runs)} runs in {os.path.abspath(args.sweep_dir)}")
   return run_sweep(args.sweep_dir, runs, keep_going=args.keep_going)
 

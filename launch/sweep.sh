@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run a featdiv_jax sweep here, one run after another: data set x variant x arch x seed, one
-# workdir per run in SWEEP_DIR/<dataset>/<arch>/<variant>/seed<N>. Finished runs are skipped and
+# workdir per run in SWEEP_DIR/<dataset>/<arch>/<variant>/seed<N> (a protocol other than
+# scratch adds a level: SWEEP_DIR/<dataset>/pretrained_head/...). Finished runs are skipped and
 # interrupted ones resume from their checkpoints, so re-running the same command continues the
 # sweep. Ctrl-C asks the current run to save a checkpoint and stops. Works on a fresh machine
 # with only python3 (the project's .venv is created on first use, see launch/in_venv.sh).
@@ -16,6 +17,8 @@
 #   --main-flag=FLAG    a featdiv_jax.main flag for every run, e.g. --main-flag=--config.batch_size=128
 #   --keep-going        continue after a failed run (default: stop with its exit code)
 # --status prints finished / in progress / not started for every run in SWEEP_DIR/sweep.json.
+# The runs share JAX's persistent compilation cache, SWEEP_DIR/.jax_cache (set
+# JAX_COMPILATION_CACHE_DIR to use another), so restarts and further seeds reuse compiled steps.
 #
 # Examples:
 #   launch/sweep.sh runs/sweep --datasets digits --seeds 0,1,2
@@ -41,4 +44,7 @@ sweep_dir=$1
 shift
 # in_venv.sh runs from the repository root: a relative SWEEP_DIR is taken from here.
 case "$sweep_dir" in /*) ;; *) sweep_dir=$PWD/$sweep_dir ;; esac
+if [ "$action" = run ]; then
+  export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${sweep_dir%/}/.jax_cache}"
+fi
 exec "$root/launch/in_venv.sh" python -m featdiv_jax.sweep "$action" --sweep-dir "$sweep_dir" "$@"

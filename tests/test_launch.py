@@ -101,6 +101,130 @@ def test_tpu_vm_dry_run_prints_the_all_worker_commands(fake_tools, tmp_path):
   assert not marker.exists() and not sweep_dir.exists()
 
 
+def remote_command(out, marker):
+  """The command string of the printed ssh / gcloud line that contains `marker`."""
+  import shlex
+  line = next(l for l in out.splitlines() if marker in l and not l.startswith("#"))
+  words = shlex.split(line)
+  return words[words.index("--command") + 1] if "--command" in words else words[-1]
+
+
+def run_remote(command, home, tools):
+  """Runs a launcher's remote command here, in `home` with `tools` ({name: sh body}) first on
+  PATH and a stub .venv/bin/python that prints the environment the sweep would get."""
+  checkout = home / "featdiv_jax"
+  (checkout / ".venv" / "bin").mkdir(parents=True)
+  stub = checkout / ".venv" / "bin" / "python"
+  stub.write_text("#!/bin/sh\nfor v in FEATDIV_PROCESS_ID FEATDIV_NUM_PROCESSES "
+                  "FEATDIV_EXPECT_DEVICES JAX_COMPILATION_CACHE_DIR; do\n"
+                  "  eval \"echo $v=\\${$v-unset}\"\ndone\necho \"args=$*\"\n")
+  stub.chmod(0o755)
+  bin_dir = home / "bin"
+  bin_dir.mkdir()
+  for name, body in tools.items():
+    (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+    (bin_dir / name).chmod(0o755)
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("FEATDIV_", "JAX_COMPILATION", "TPU_", "SLURM_"))}
+  env["PATH"] = f"{bin_dir}{os.pathsep}/usr/bin:/bin"
+  r = subprocess.run(["bash", "-c", command], cwd=home, env=env, capture_output=True,
+                     text=True, timeout=60)
+  assert r.returncode == 0, r.stdout + r.stderr
+  return dict(l.split("=", 1) for l in r.stdout.splitlines() if "=" in l)
+
+
+def metadata_curl(worker, endpoints, accelerator):
+  """A curl answering the TPU VM metadata server's attributes (an empty value: HTTP 404)."""
+  values = {"agent-worker-number": worker, "worker-network-endpoints": endpoints,
+            "accelerator-type": accelerator}
+  cases = "".join(f"  */{k}) [ -n '{v}' ] || exit 22; printf '%s' '{v}' ;;\n"
+                  for k, v in values.items())
+  return f'case "$*" in\n{cases}  *) exit 22 ;;\nesac'
+
+
+@pytest.mark.parametrize("accelerator, workers, devices", [
+    ("v4-32", 4, "16"),        # 32 TensorCores, 2 per chip, jax sees one device per chip
+    ("v5p-8", 1, "4"),
+    ("v5litepod-16", 4, "16"),  # v5e / v6e count chips
+    ("v6e-8", 1, "8"),
+    ("v3-8", 1, "8"),          # v2 / v3: one device per TensorCore
+    ("tpu7x-8", 2, ""),        # a type the launcher does not know: no check
+])
+def test_tpu_vm_run_command_exports_each_workers_layout_from_metadata(
+    fake_tools, tmp_path, accelerator, workers, devices):
+  env, marker = fake_tools
+  r = script("tpu_vm.sh", "--name", "pod", "--zone", "z", "--steps", "run", "--foreground",
+             "--dry-run", "--", "--sweep-dir", "sweeps/c10", "--datasets", "cifar10",
+             "--variants", "multi", env=env)
+  assert r.returncode == 0, r.stderr
+  command = remote_command(r.stdout, "tpu-vm ssh pod --worker=all")
+  assert "metadata.google.internal/computeMetadata/v1/instance/attributes" in command
+  endpoints = ",".join(f"10.0.0.{i}" for i in range(workers))
+  got = run_remote(command, tmp_path / "worker", {
+      "curl": metadata_curl("1" if workers > 1 else "0", endpoints, accelerator)})
+  assert got["FEATDIV_NUM_PROCESSES"] == str(workers)
+  assert got["FEATDIV_PROCESS_ID"] == ("1" if workers > 1 else "0")
+  assert got["FEATDIV_EXPECT_DEVICES"] == devices
+  assert got["JAX_COMPILATION_CACHE_DIR"] == f"{tmp_path}/worker/featdiv_jax/sweeps/c10/.jax_cache"
+  assert got["args"].startswith("-m featdiv_jax.sweep run --sweep-dir sweeps/c10")
+  # What featdiv_jax then reads from that environment: jax.distributed starts on a slice of
+  # several workers (--config.distributed=auto), and only worker 0 is the sweep's primary.
+  from featdiv_jax import distributed
+  assert distributed.cluster_detected(got) == (workers > 1)
+  assert sweep._is_primary_process(got) == (workers == 1)
+  assert distributed.expected_devices(got) == (int(devices) if devices else None)
+  assert not marker.exists()
+
+
+def test_tpu_vm_run_command_without_metadata_and_with_options(fake_tools, tmp_path):
+  env, _ = fake_tools
+  args = ["--name", "t", "--zone", "z", "--steps", "run", "--foreground", "--dry-run"]
+  grid = ["--", "--sweep-dir", "/nfs/sw", "--datasets", "cifar10", "--variants", "multi"]
+  # not a TPU VM (no metadata server): nothing claims a cluster; the absolute cache dir as is
+  out = script("tpu_vm.sh", *args, *grid, env=env).stdout
+  got = run_remote(remote_command(out, "tpu-vm ssh"), tmp_path / "a", {"curl": "exit 7"})
+  assert (got["FEATDIV_NUM_PROCESSES"], got["FEATDIV_PROCESS_ID"],
+          got["FEATDIV_EXPECT_DEVICES"]) == ("", "", "")
+  assert got["JAX_COMPILATION_CACHE_DIR"] == "/nfs/sw/.jax_cache"
+  from featdiv_jax import distributed
+  assert not distributed.cluster_detected(got) and sweep._is_primary_process(got)
+  assert distributed.expected_devices(got) is None
+  # --expect-devices and --compile-cache win over the metadata and the default
+  out = script("tpu_vm.sh", *args, "--expect-devices", "32", "--compile-cache", "none", *grid,
+               env=env).stdout
+  got = run_remote(remote_command(out, "tpu-vm ssh"), tmp_path / "b",
+                   {"curl": metadata_curl("0", "a,b", "v4-16")})
+  assert got["FEATDIV_EXPECT_DEVICES"] == "32" and got["JAX_COMPILATION_CACHE_DIR"] == "unset"
+  assert got["FEATDIV_NUM_PROCESSES"] == "2"
+  r = script("tpu_vm.sh", *args, "--expect-devices", "-2", *grid, env=env)
+  assert r.returncode == 2 and "--expect-devices" in r.stderr
+
+
+def test_gpu_vm_run_command_expects_the_gpus_nvidia_smi_lists(fake_tools, tmp_path):
+  env, _ = fake_tools
+  args = ["--host", "me@box", "--steps", "run", "--dry-run", "--", "--sweep-dir", "runs/sw",
+          "--datasets", "cifar10", "--variants", "multi"]
+  out = script("gpu_vm.sh", *args, env=env).stdout
+  command = remote_command(out, "ssh me@box")
+  assert "nohup .venv/bin/python -m featdiv_jax.sweep run" in command
+  command = command.replace("nohup ", "").replace(" > sweep.log 2>&1 < /dev/null &", ";")
+  smi = "printf 'GPU 0: H100 (UUID: a)\\nGPU 1: H100 (UUID: b)\\nGPU 2: H100 (UUID: c)\\n'"
+  got = run_remote(command, tmp_path / "a", {"nvidia-smi": smi})
+  assert got["FEATDIV_EXPECT_DEVICES"] == "3"
+  assert got["JAX_COMPILATION_CACHE_DIR"] == f"{tmp_path}/a/featdiv_jax/runs/sw/.jax_cache"
+  got = run_remote(command, tmp_path / "b", {})  # no nvidia-smi: no check
+  assert got["FEATDIV_EXPECT_DEVICES"] == ""
+  out = script("gpu_vm.sh", "--expect-devices", "0", *args, env=env).stdout
+  assert "unset FEATDIV_EXPECT_DEVICES" in remote_command(out, "ssh me@box")
+
+
+def test_sweeps_primary_process_is_worker_zero_whoever_names_it():
+  assert sweep._is_primary_process({})
+  assert sweep._is_primary_process({"FEATDIV_PROCESS_ID": "0", "SLURM_PROCID": ""})
+  for var in ("FEATDIV_PROCESS_ID", "TPU_WORKER_ID", "SLURM_PROCID", "JAX_PROCESS_ID"):
+    assert not sweep._is_primary_process({var: "3"}), var
+
+
 def test_gpu_vm_dry_run_prints_ssh_rsync_install_and_background_sweep(fake_tools, tmp_path):
   env, marker = fake_tools
   sweep_dir = tmp_path / "sw"
@@ -116,29 +240,93 @@ def test_gpu_vm_dry_run_prints_ssh_rsync_install_and_background_sweep(fake_tools
   assert not marker.exists() and not sweep_dir.exists()
 
 
+def slurm_job(out):
+  """The sbatch script a slurm.sh dry run prints."""
+  return out[out.index("#!/usr/bin/env bash"):out.index("# submit with:")]
+
+
 def test_slurm_dry_run_prints_the_sbatch_script_with_srun_per_run(fake_tools, tmp_path):
   env, marker = fake_tools
   sweep_dir = tmp_path / "sw"
-  r = script("slurm.sh", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu",
-             "--time", "02:00:00", "--python", sys.executable, "--dry-run", "--",
-             "--sweep-dir", sweep_dir, *GRID, env=env)
+  r = script("slurm.sh", "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "8",
+             "--partition", "gpu", "--time", "02:00:00", "--python", sys.executable,
+             "--dry-run", "--", "--sweep-dir", sweep_dir, *GRID, env=env)
   assert r.returncode == 0, r.stderr
   out = r.stdout
-  for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4",
-               "#SBATCH --partition=gpu", "#SBATCH --time=02:00:00"):
-    assert line in out
+  # One task per GPU: 2 nodes x 4 tasks, each with the GPU of its SLURM_LOCALID (jax's layout),
+  # 8 CPU cores each, set on srun too (Slurm >= 22.05 srun does not inherit it).
+  for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+               "#SBATCH --cpus-per-task=8", "#SBATCH --partition=gpu", "#SBATCH --time=02:00:00",
+               "export SRUN_CPUS_PER_TASK=8", "export FEATDIV_EXPECT_DEVICES=8",
+               f"export JAX_COMPILATION_CACHE_DIR={sweep_dir}/.jax_cache"):
+    assert line in out.splitlines() or any(l.startswith(line + " ") for l in out.splitlines()), \
+        (line, out)
   srun_lines = [l.strip() for l in out.splitlines() if l.strip().startswith("srun ")]
   assert len(srun_lines) == 4
   for l in srun_lines:
-    assert "--nodes=2 --ntasks-per-node=1" in l
+    assert l.startswith("srun --nodes=2 --ntasks-per-node=4 --gpus-per-node=4 --cpus-per-task=8 "
+                        "--kill-on-bad-exit=1 "), l
     assert "-m featdiv_jax.main --config=configs/cifar10.py:" in l
     assert l.endswith("--config.distributed=auto")
     assert f"--workdir={sweep_dir}/cifar10/seresnet18/" in l
-  assert "sbatch " in out
+  assert "8 processes, one per GPU" in out and "sbatch " in out
   # the printed job script itself is valid bash
-  job = out[out.index("#!/usr/bin/env bash"):out.index("# submit with:")]
-  assert subprocess.run(["bash", "-n"], input=job, text=True).returncode == 0
+  assert subprocess.run(["bash", "-n"], input=slurm_job(out), text=True).returncode == 0
   assert not marker.exists() and not sweep_dir.exists()
+
+
+def test_slurm_layout_defaults_and_options(fake_tools, tmp_path):
+  env, _ = fake_tools
+  sw = tmp_path / "sw"
+  base = ["--python", sys.executable, "--dry-run", "--", "--sweep-dir", sw, "--datasets",
+          "cifar10", "--variants", "multi"]
+  # defaults: 1 node x 1 GPU, one task, no CPU count: srun as sbatch, 1 device expected
+  out = script("slurm.sh", *base, env=env).stdout
+  assert "#SBATCH --ntasks-per-node=1" in out and "#SBATCH --gpus-per-node=1" in out
+  assert "srun --nodes=1 --ntasks-per-node=1 --gpus-per-node=1 --kill-on-bad-exit=1 " in out
+  assert "cpus-per-task" not in out and "SRUN_CPUS_PER_TASK" not in out
+  assert "export FEATDIV_EXPECT_DEVICES=1 " in out
+  # CPU nodes: one task per node, no GPU line, no device count; the cache moved or turned off
+  out = script("slurm.sh", "--nodes", "3", "--gpus-per-node", "0", "--compile-cache", "none",
+               *base, env=env).stdout
+  assert "#SBATCH --ntasks-per-node=1" in out and "gpus-per-node" not in out
+  assert "srun --nodes=3 --ntasks-per-node=1 --kill-on-bad-exit=1 " in out
+  assert "FEATDIV_EXPECT_DEVICES" not in out and "JAX_COMPILATION_CACHE_DIR" not in out
+  out = script("slurm.sh", "--gpus-per-node", "8", "--expect-devices", "4", "--compile-cache",
+               "rel/cache", *base, env=env).stdout
+  assert "export FEATDIV_EXPECT_DEVICES=4 " in out
+  assert f"export JAX_COMPILATION_CACHE_DIR={ROOT}/rel/cache " in out
+  for bad in (["--expect-devices", "x"], ["--gpus-per-node", "-1"], ["--cpus-per-task", "0"]):
+    r = script("slurm.sh", *bad, *base, env=env)
+    assert r.returncode == 2 and bad[0] in r.stderr and "integer" in r.stderr, r.stderr
+
+
+def test_slurm_job_script_exports_to_srun_and_stops_after_sigterm(fake_tools, tmp_path):
+  """The printed job script run by bash with a fake srun: each srun sees the exports, and a
+  SIGTERM to the job (preemption) during a run starts no further run."""
+  env, _ = fake_tools
+  sw = tmp_path / "sw"
+  out = script("slurm.sh", "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "8",
+               "--python", sys.executable, "--dry-run", "--", "--sweep-dir", sw, *GRID,
+               env=env).stdout
+  job = tmp_path / "job.sh"
+  job.write_text(slurm_job(out))
+  bin_dir, calls = tmp_path / "srun_bin", tmp_path / "srun_calls"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text(
+      "#!/bin/sh\n"
+      f"echo \"$SRUN_CPUS_PER_TASK $FEATDIV_EXPECT_DEVICES $JAX_COMPILATION_CACHE_DIR $*\" >> '{calls}'\n"
+      # the second run is preempted: the scheduler signals the job's shell too
+      f"if [ \"$(wc -l < '{calls}')\" -eq 2 ]; then kill -TERM $PPID; fi\n")
+  (bin_dir / "srun").chmod(0o755)
+  run_env = dict(env, PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
+  r = subprocess.run(["bash", str(job)], env=run_env, capture_output=True, text=True,
+                     timeout=60)
+  lines = calls.read_text().splitlines()
+  assert len(lines) == 2, (lines, r.stdout, r.stderr)  # 4 runs planned; stopped after the 2nd
+  for line in lines:
+    assert line.startswith(f"8 8 {sw}/.jax_cache --nodes=2 --ntasks-per-node=4 "), line
+  assert r.returncode == 143 and "SIGTERM: stopped before" in r.stdout, (r.stdout, r.stderr)
 
 
 def test_slurm_without_sbatch_says_so(tmp_path):
@@ -295,3 +483,80 @@ def test_prepare_builds_data_through_the_data_module_and_reports_failures(monkey
   assert calls == ["cifar10", "caltech101"]  # digits ships with scikit-learn: nothing to build
   err = capsys.readouterr().err
   assert "could not download and prepare 'caltech101'" in err and "no network" in err
+
+
+def _stage_2_sources(runs):
+  """{workdir: the --config.model.init_from of its command, or None}."""
+  flag = "--config.model.init_from="
+  return {r["workdir"]: next((a[len(flag):] for a in r["command"] if a.startswith(flag)), None)
+          for r in runs}
+
+
+@pytest.mark.parametrize("dataset, extra", [("digits", ["protocol=pretrained_head"]),
+                                            ("cifar10", ["paper"])])
+def test_a_pretrained_head_sweep_runs_single_first_and_feeds_it_to_stage_2(dataset, extra):
+  runs = sweep.expand("sw", dataset, "multi_cos,multi,single", "seresnet18", "0,1", extra,
+                      ["--config.batch_size=32"], absolute=False)
+  assert {r["protocol"] for r in runs} == {"pretrained_head"}
+  assert all(r["workdir"] == f"{dataset}/pretrained_head/seresnet18/{r['variant']}/seed{r['seed']}"
+             for r in runs)
+  # Every stage-1 run before any stage-2 run, whatever the order of --variants.
+  assert [r["variant"] for r in runs] == ["single"] * 2 + ["multi_cos"] * 2 + ["multi"] * 2
+  sources = _stage_2_sources(runs)
+  for r in runs:
+    want = (None if r["variant"] == "single"
+            else f"sw/{dataset}/pretrained_head/seresnet18/single/seed{r['seed']}")
+    assert sources[r["workdir"]] == want, r
+    assert r["command"][3:6] == [f"--config={r['config']}", f"--workdir=sw/{r['workdir']}",
+                                 "--config.batch_size=32"]  # init_from after the given flags
+  # absolute: the stage-1 workdir as the command's own --workdir names it
+  runs = sweep.expand("sw", dataset, "single,multi", "seresnet18", "3", extra)
+  assert _stage_2_sources(runs)[f"{dataset}/pretrained_head/seresnet18/multi/seed3"] == (
+      os.path.abspath(f"sw/{dataset}/pretrained_head/seresnet18/single/seed3"))
+  assert runs[0]["command"][4] == f"--workdir={_stage_2_sources(runs)[runs[1]['workdir']]}"
+
+
+def test_a_scratch_sweep_keeps_its_layout_and_commands():
+  runs = sweep.expand("sw", "digits", "multi_cos,single", "seresnet18", "0", absolute=False)
+  assert [(r["protocol"], r["workdir"]) for r in runs] == [
+      ("scratch", "digits/seresnet18/multi_cos/seed0"),
+      ("scratch", "digits/seresnet18/single/seed0")]
+  assert runs[0]["command"][3:] == [
+      "--config=configs/digits.py:multi_cos,arch=seresnet18,seed=0",
+      "--workdir=sw/digits/seresnet18/multi_cos/seed0"]
+  assert set(_stage_2_sources(runs).values()) == {None}
+
+
+@pytest.mark.parametrize("dataset, extra", [("digits", ["protocol=pretrained_head"]),
+                                            ("cifar10", ["paper"])])
+def test_a_pretrained_head_sweep_without_single_is_refused(dataset, extra):
+  with pytest.raises(sweep.SweepError) as error:
+    sweep.expand("sw", dataset, "multi,multi_cos", "seresnet18", "0", extra)
+  message = str(error.value)
+  assert "\n" not in message and "--variants multi,multi_cos" in message
+  assert "single" in message and "valid" in message
+
+
+def test_pretrained_head_status_shows_the_protocol_and_bad_protocols_are_refused(tmp_path):
+  sweep_dir = tmp_path / "sw"
+  r = sweep_cli("plan", "--sweep-dir", sweep_dir, "--datasets", "digits", "--variants", "multi")
+  assert r.returncode == 0, r.stderr
+  r = sweep_cli("plan", "--sweep-dir", sweep_dir, "--datasets", "digits",
+                "--variants", "single,multi", "--extra", "protocol=pretrained_head")
+  assert r.returncode == 0, r.stderr
+  plan = json.loads((sweep_dir / "sweep.json").read_text())
+  assert [(r_["protocol"], r_["workdir"]) for r_ in plan["runs"]] == [
+      ("scratch", "digits/seresnet18/multi/seed0"),
+      ("pretrained_head", "digits/pretrained_head/seresnet18/single/seed0"),
+      ("pretrained_head", "digits/pretrained_head/seresnet18/multi/seed0")]
+  lines = sweep_cli("status", "--sweep-dir", sweep_dir).stdout.splitlines()
+  assert lines[0].split() == ["dataset", "protocol", "arch", "variant", "seed", "state",
+                              "workdir"]
+  assert lines[1].split()[:2] == ["digits", "scratch"]
+  assert lines[3].split()[:4] == ["digits", "pretrained_head", "seresnet18", "multi"]
+  for args, bad in ((["--extra", "protocol=two_stage"], "'two_stage'"),
+                    (["--main-flag=--config.protocol=pretrained_head"], "--config.protocol")):
+    r = sweep_cli("plan", "--sweep-dir", tmp_path / "bad", *args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and bad in lines[0] and "valid" in lines[0]
+  assert not (tmp_path / "bad").exists()

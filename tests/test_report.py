@@ -10,6 +10,8 @@ import numpy as np
 from scipy import stats
 
 from featdiv_jax import report
+from featdiv_jax import sweep
+from featdiv_jax import sweepfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -24,8 +26,10 @@ FINAL = {"single": [0.7480, 0.7401, 0.7550],
 
 
 def write_run(root, rel, *, dataset, arch, variant, seed, best, final, finished=True,
-              heads=None, epochs=4, steps_per_epoch=10, smoke=False, with_epoch_key=True):
-  """Writes a results.json shaped like train._results() writes it; returns its path."""
+              heads=None, epochs=4, steps_per_epoch=10, smoke=False, with_epoch_key=True,
+              protocol=None):
+  """Writes a results.json shaped like train._results() writes it; returns its path. Without
+  `protocol` its config has no protocol key, as results.json files older than it."""
   heads = heads or (1 if variant == "single" else 2)
   done = epochs if finished else epochs - 2
   accs = list(np.linspace(0.3, best, done - 1)) + [final] if done > 1 else [best]
@@ -50,6 +54,8 @@ def write_run(root, rel, *, dataset, arch, variant, seed, best, final, finished=
       num_params=11_271_754 * heads, wall_time_s=123.0, train_images_per_s=1000.0 + seed,
       skipped_steps=0, step=done * steps_per_epoch, total_steps=epochs * steps_per_epoch,
       steps_per_epoch=steps_per_epoch, finished=finished)
+  if protocol is not None:
+    results["config"]["protocol"] = protocol
   path = os.path.join(root, rel, "results.json")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
@@ -194,12 +200,12 @@ def test_paired_comparison_matches_ttest_rel_and_flags_zero_spread():
                finished=True), f"{variant}{seed}"))
   pc = report.paired_comparison(runs, ("d", "a"), "best")
   t, p = stats.ttest_rel([52, 66, 71], [50, 60, 70])
-  assert pc["n"] == 3 and math.isclose(pc["t"], t) and math.isclose(pc["p"], p)
-  assert math.isclose(pc["mean"], 3.0)
+  assert pc.n == 3 and math.isclose(pc.t, t) and math.isclose(pc.p, p)
+  assert math.isclose(pc.mean, 3.0)
   for r in runs[3:]:  # every difference +2 points: no spread, no t statistic
     r.best = next(x for x in runs if x.variant == "multi" and x.seed == r.seed).best + 0.02
   pc = report.paired_comparison(runs, ("d", "a"), "best")
-  assert pc["t"] is None and "std of differences is 0" in pc["reason"]
+  assert pc.t is None and "std of differences is 0" in pc.reason
   assert "no test possible" in report.paired_sentence(pc)
 
 
@@ -255,7 +261,7 @@ def test_missing_runs_inferred_without_sweep_json_and_epochs_from_steps(tmp_path
             variant="multi_cos", seed=7, best=0.4, final=0.39, with_epoch_key=False,
             steps_per_epoch=5)
   runs = report.load_runs(report.find_results([str(tmp_path)]), print)
-  plan = report.load_plan([str(tmp_path)], print)
+  plan = sweepfile.planned_runs([str(tmp_path)], print)
   assert plan is None
   missing = report.missing_runs(runs, plan)
   md = report.render_markdown(report.aggregate(runs, plan), runs, missing, [str(tmp_path)], plan)
@@ -304,3 +310,89 @@ def test_report_on_a_real_sweep_of_smoke_runs(tmp_path):
   assert f"{np.mean(diffs):+.2f}" in best_row and "| 2 |" in best_row
   missing = md[md.index("## Missing"):]
   assert "single" in missing and "seed 0" in missing
+
+
+def test_the_protocol_is_part_of_a_runs_identity(tmp_path, capsys):
+  """A scratch and a pretrained_head run of the same grid point are two runs in two sections,
+  neither merged nor paired across protocols; the published column names its protocol."""
+  accs = {("scratch", "multi"): 0.70, ("scratch", "multi_cos"): 0.71,
+          ("pretrained_head", "multi"): 0.76, ("pretrained_head", "multi_cos"): 0.78}
+  for (protocol, variant), acc in accs.items():
+    # The scratch runs have no protocol key, as results.json files written before it.
+    write_run(str(tmp_path), f"{protocol}/{variant}", dataset="cifar10", arch="seresnet18",
+              variant=variant, seed=0, best=acc, final=acc,
+              protocol=None if protocol == "scratch" else protocol)
+  assert report.main([str(tmp_path)]) == 0
+  captured = capsys.readouterr()
+  assert "same run" not in captured.err
+  assert "cifar10/seresnet18: " in captured.out
+  assert "cifar10/seresnet18/pretrained_head: " in captured.out
+  sec = sections((tmp_path / "report.md").read_text())
+  assert list(sec) == ["cifar10 / seresnet18", "cifar10 / seresnet18 / pretrained_head",
+                       "Missing / in progress"]
+  for protocol, title in (("scratch", "cifar10 / seresnet18"),
+                          ("pretrained_head", "cifar10 / seresnet18 / pretrained_head")):
+    for variant in ("multi", "multi_cos"):
+      cells = row(sec[title], variant)
+      assert cells[2] == f"{100 * accs[protocol, variant]:.2f} (n=1)", (title, cells)
+      assert cells[4] == "1 finished / 1 found", (title, cells)
+      assert cells[-1] == {"multi": "76.97", "multi_cos": "77.11"}[variant]
+    # paired within the protocol only: one pair, this protocol's difference
+    pair = [l for l in sec[title].splitlines() if l.startswith("| best acc |")][0]
+    diff = 100 * (accs[protocol, "multi_cos"] - accs[protocol, "multi"])
+    assert f"| {diff:+.2f} |" in pair and "| 1 |" in pair, pair
+  header = lambda title: [l for l in sec[title].splitlines() if l.startswith("| variant |")][0]
+  assert header("cifar10 / seresnet18").endswith("(%), protocol pretrained_head |")
+  assert header("cifar10 / seresnet18 / pretrained_head").endswith("single run) (%) |")
+  assert "this section's runs are protocol scratch" in sec["cifar10 / seresnet18"]
+  assert "protocol scratch" not in sec["cifar10 / seresnet18 / pretrained_head"]
+
+  runs = report.load_runs(report.find_results([str(tmp_path)]), print)
+  assert sorted(r.key for r in runs) == sorted(
+      ("cifar10", protocol, "seresnet18", variant, 0) for protocol, variant in accs)
+  assert report.missing_runs(runs, None) == []  # no seed lacks across protocols either
+
+
+def test_a_planned_run_is_done_only_by_a_result_of_its_protocol(tmp_path):
+  """sweep.json as the sweep writes it: a pretrained_head plan is done by pretrained_head results
+  only, and an entry without a protocol (an older sweep) by scratch results only."""
+  runs = sweep.expand(str(tmp_path), "cifar10", "single,multi", "seresnet18", "0", ["paper"])
+  assert {r["protocol"] for r in runs} == {"pretrained_head"}
+  sweepfile.add_runs(str(tmp_path), runs, ["plan"], print)
+  plan_file = tmp_path / "sweep.json"
+  plan = json.loads(plan_file.read_text())
+  plan["runs"].append(dict(dataset="cifar10", arch="seresnet18", variant="multi_cos", seed=0,
+                           workdir="old/multi_cos"))  # an older sweep's entry: scratch
+  plan_file.write_text(json.dumps(plan))
+  # Results of the same grid points under the other protocol: none of them does a planned run.
+  write_run(str(tmp_path), "elsewhere/single", dataset="cifar10", arch="seresnet18",
+            variant="single", seed=0, best=0.7, final=0.7, protocol="scratch")
+  write_run(str(tmp_path), "elsewhere/multi", dataset="cifar10", arch="seresnet18",
+            variant="multi", seed=0, best=0.7, final=0.7)  # no protocol key: scratch
+  write_run(str(tmp_path), "elsewhere/multi_cos", dataset="cifar10", arch="seresnet18",
+            variant="multi_cos", seed=0, best=0.7, final=0.7, protocol="pretrained_head")
+  planned = sweepfile.planned_runs([str(tmp_path)], print)
+  assert [p.protocol for p in planned] == ["pretrained_head", "pretrained_head", "scratch"]
+
+  def missing():
+    found = report.load_runs(report.find_results([str(tmp_path)]), print)
+    return [(m.protocol, m.variant) for m in report.missing_runs(found, planned)]
+  assert missing() == [("pretrained_head", "single"), ("pretrained_head", "multi"),
+                       ("scratch", "multi_cos")]
+  # The planned pretrained_head single, done where the sweep put it.
+  write_run(str(tmp_path), runs[0]["workdir"], dataset="cifar10", arch="seresnet18",
+            variant="single", seed=0, best=0.75, final=0.75, protocol="pretrained_head")
+  assert runs[0]["workdir"] == "cifar10/pretrained_head/seresnet18/single/seed0"
+  assert missing() == [("pretrained_head", "multi"), ("scratch", "multi_cos")]
+  found = report.load_runs(report.find_results([str(tmp_path)]), print)
+  md = report.render_markdown(report.aggregate(found, planned), found,
+                              report.missing_runs(found, planned), [str(tmp_path)], planned)
+  sec = sections(md)
+  assert row(sec["cifar10 / seresnet18 / pretrained_head"], "single")[4] == (
+      "1 finished / 1 found (of 1 planned)")
+  assert row(sec["cifar10 / seresnet18 / pretrained_head"], "multi")[4] == (
+      "0 finished / 0 found (of 1 planned)")
+  assert row(sec["cifar10 / seresnet18"], "multi_cos")[4] == "0 finished / 0 found (of 1 planned)"
+  assert row(sec["cifar10 / seresnet18 / pretrained_head"], "multi_cos")[4] == (
+      "1 finished / 1 found")
+  assert "- cifar10 / seresnet18 / pretrained_head / multi, seed 0" in sec["Missing / in progress"]
