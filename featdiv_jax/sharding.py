@@ -3,6 +3,9 @@
 Batches are split over `data`. Everything that carries the stacked head axis (params, BatchNorm
 statistics and optimizer moments under a `heads` key) is split over `heads` when that axis has
 more than one device; all else is replicated. `jax.jit` with these shardings is what pjit became.
+The work follows the same split: each device computes its slice of the batch and, over a heads
+axis of n devices, only its own K/n heads (`models.multihead`; docs/performance.md, "Data
+parallelism and grouped convolutions").
 """
 
 from typing import Any, Sequence
@@ -12,6 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 AXES = ("data", "heads")
+DATA_AXIS, HEADS_AXIS = AXES
 
 
 class MeshError(ValueError):
@@ -48,18 +52,18 @@ def replicated(mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P("data"))
+  return NamedSharding(mesh, P(DATA_AXIS))
 
 
 def state_shardings(mesh, abstract_state: Any, num_heads: int) -> Any:
   """A NamedSharding per leaf: the head axis over `heads`, everything else replicated."""
-  split_heads = mesh.shape["heads"] > 1
+  split_heads = mesh.shape[HEADS_AXIS] > 1
 
   def spec(path, leaf):
     under_heads = any(getattr(p, "key", None) == "heads" for p in path)
     shape = getattr(leaf, "shape", ())
     if split_heads and under_heads and len(shape) >= 1 and shape[0] == num_heads:
-      return NamedSharding(mesh, P("heads"))
+      return NamedSharding(mesh, P(HEADS_AXIS))
     return NamedSharding(mesh, P())
 
   return jax.tree.map_with_path(spec, abstract_state)

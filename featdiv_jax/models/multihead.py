@@ -1,22 +1,38 @@
-"""K SE-ResNet heads as one `nn.vmap`-ed module, their feature maps fused and classified.
+"""K SE-ResNet heads as one module over stacked variables, their feature maps fused and classified.
 
-The heads' params and batch_stats carry a leading axis of size K (`params["heads"]`), so the K
-backbones run as one batched computation, can be sharded over a `heads` mesh axis, and head k is
-`tree.map(lambda a: a[k], ...)` of the stacked variables.
+The heads' params and batch_stats carry a leading axis of size K (`params["heads"]`), so they can
+be sharded over a `heads` mesh axis, and head k is `tree.map(lambda a: a[k], ...)` of the stacked
+variables. They are created by one `nn.vmap` of SEResNet; how they are computed depends on the
+convolution (docs/performance.md, "Data parallelism and grouped convolutions"):
+
+- im2col convolutions: the same `nn.vmap`, whose convolutions become batched matmuls.
+- XLA's convolutions: the heads one after another (`nn.scan` over the stacked variables). Under
+  `nn.vmap` a per-head kernel makes one grouped convolution (`feature_group_count=K`), and XLA's
+  SPMD partitioner cannot keep a batch sharding through it: it gathers the whole global batch onto
+  every device (openxla/xla#47945), so data parallelism stopped dividing the work.
+  When the input is laid out on a mesh whose `heads` axis has n > 1 devices, that scan runs
+  under `jax.shard_map` over the axis: each device group computes its own K/n heads, on the
+  batch as split over `data`, from the variables it holds (the partitioner alone would gather the
+  stacked kernels onto every device instead).
 """
 
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
-from flax.core import FrozenDict
+from flax.core import FrozenDict, lift
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from featdiv_jax.models.resnet import SEResNet, backbone_fields
+from featdiv_jax.sharding import HEADS_AXIS
 
 FUSIONS = ("concat", "sum")
 CLASSIFIERS = ("flatten_mlp", "pool_linear", "pool_mlp")
+FROZEN_BN = ("running", "batch")  # how a frozen head's BatchNorm normalises (MultiHeadNet)
+HEADS_IMPLS = ("vmap", "loop")  # loop: K separate modules, for benchmarking against vmap
+HEAD_COLLECTIONS = ("params", "batch_stats", "intermediates")  # stacked on a leading K axis
 
 
 def fuse(features: jax.Array, fusion: str) -> jax.Array:
@@ -29,13 +45,85 @@ def fuse(features: jax.Array, fusion: str) -> jax.Array:
   raise ValueError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
 
 
+def heads_mesh(x: jax.Array):
+  """The mesh `x` is laid out on (as `jax.jit` traces it, or of a sharded array) if its `heads`
+  axis has more than one device; else None (one device, or a mesh without such an axis)."""
+  try:
+    mesh = jax.typeof(x).sharding.mesh
+    size = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(HEADS_AXIS, 1)
+  except (AttributeError, TypeError, ValueError):
+    return None
+  return mesh if size > 1 else None
+
+
+def _heads_in_turn(heads: nn.Module, x, train: bool, frozen, num_heads: int):
+  """(num_heads, B, H, W, C): the stacked heads applied one after another.
+
+  An `nn.scan` over the leading axis of the heads' variables: each step is one SE-ResNet with
+  head k's variables, so its convolutions are plain ones, not the grouped convolution `nn.vmap`
+  makes of per-head kernels. Variables, BatchNorm updates and intermediates come out stacked as
+  under `nn.vmap`. Fully unrolled: XLA's cost analysis counts a while loop's body once, so a
+  rolled scan would under-report the step's FLOPs K-fold (bench's `flops_per_step`); unrolling
+  costs compile time (1.7x for K=4 on XLA:CPU; docs/performance.md).
+  """
+  scanned = () if frozen is None else (frozen,)
+
+  def step(head, carry, x, *flag):
+    return carry, head(x, train, *flag)
+
+  scan = nn.scan(step, variable_axes={c: 0 for c in HEAD_COLLECTIONS},
+                 split_rngs={"params": True, "dropout": True},
+                 in_axes=(nn.broadcast,) + (0,) * len(scanned), length=num_heads,
+                 unroll=num_heads)
+  _, features = scan(heads, (), x, *scanned)
+  return features
+
+
+def _lifted_shard_map(fn, mesh):
+  """flax.core's form of `jax.shard_map` over the mesh's heads axis (manual), its other axes
+  left to the partitioner: `fn(scope, x, frozen)` sees its device group's slice of every stacked
+  variable (`HEAD_COLLECTIONS`, leading axis) and of `frozen`, and the whole `x`. Its output and
+  the variables it writes are concatenated back along their leading axis. No rngs go in."""
+
+  def inner(scope_fn, repack_fn, variable_groups, rng_groups, x, frozen):
+    heads = P(HEADS_AXIS)
+
+    def local(variable_groups, x, frozen):
+      scope = scope_fn(variable_groups, rng_groups)
+      y = fn(scope, x, frozen)
+      return y, repack_fn(scope)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(heads, P(), heads),
+                         out_specs=(heads, heads), axis_names=frozenset({HEADS_AXIS}))(
+                             variable_groups, x, frozen)
+
+  return lift.pack(inner, HEAD_COLLECTIONS, HEAD_COLLECTIONS, (), name="shard_map")
+
+
+def _heads_per_device_group(heads: nn.Module, x, train: bool, frozen, num_heads: int, mesh):
+  """`_heads_in_turn` under a shard_map over the `heads` mesh axis: each device group runs its
+  own num_heads / n heads, on the batch as split over the other axes."""
+  groups = dict(zip(mesh.axis_names, mesh.axis_sizes))[HEADS_AXIS]
+  if num_heads % groups:
+    raise ValueError(f"{num_heads} heads do not split over a '{HEADS_AXIS}' mesh axis of "
+                     f"{groups} devices; use a heads axis that divides num_heads")
+  local_heads = num_heads // groups
+
+  def per_group(head, x, frozen):
+    return _heads_in_turn(head, x, train, frozen, local_heads)
+
+  return nn.transforms.lift_transform(_lifted_shard_map, per_group, mesh)(heads, x, frozen)
+
+
 class MultiHeadNet(nn.Module):
-  """K vmapped SE-ResNet feature extractors, fused and classified.
+  """K SE-ResNet feature extractors on stacked variables (module docstring), fused, classified.
 
   Returns `(logits, features)` with features stacked as (K, B, H, W, C), which is what the
-  cosine diversity penalty reads. Heads listed in `frozen_heads` normalise with their running
-  BatchNorm statistics, leave them unchanged and pass no gradient; the optimizer side of freezing
-  is `featdiv_jax.optim.freeze_heads`. K=1 with `pool_linear` is exactly a single SE-ResNet.
+  cosine diversity penalty reads. Heads listed in `frozen_heads` pass no gradient; the optimizer
+  side of freezing is `featdiv_jax.optim.freeze_heads`. How they normalise is `frozen_bn`:
+  "running", with their running BatchNorm statistics, left unchanged; "batch" (the paper's
+  notebooks, whose frozen head stays in train mode), with the batch's statistics, their running
+  statistics updating as any head's. K=1 with `pool_linear` is exactly a single SE-ResNet.
   """
   backbone: Mapping[str, Any]  # SEResNet fields (a FrozenDict keeps the module hashable)
   num_heads: int
@@ -46,44 +134,54 @@ class MultiHeadNet(nn.Module):
   dropout: float = 0.5
   frozen_heads: Sequence[int] = ()
   heads_impl: str = "vmap"  # "loop": K separate modules, for benchmarking against vmap
+  frozen_bn: str = "running"  # FROZEN_BN
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    if self.classifier not in CLASSIFIERS:
-      raise ValueError(
-          f"unknown classifier {self.classifier!r}; valid: {', '.join(CLASSIFIERS)}")
     dtype = self.backbone.get("dtype", jnp.float32)
     frozen = None
-    args = (x, train)
     if self.frozen_heads:
       frozen = jnp.asarray(np.isin(np.arange(self.num_heads), self.frozen_heads))
-      args += (frozen,)
+    # What the heads' BatchNorm is told is frozen: nothing, when frozen heads normalise as in
+    # training; the gradient is stopped below either way.
+    bn_frozen = frozen if self.frozen_bn == "running" else None
     if self.heads_impl == "loop":
       features = jnp.stack([
           SEResNet(**dict(self.backbone), num_classes=0, name=f"head_{k}")(
-              x, train, None if frozen is None else frozen[k])
+              x, train, None if bn_frozen is None else bn_frozen[k])
           for k in range(self.num_heads)])
-    elif self.heads_impl == "vmap" and self.num_heads == 1 and not self.is_initializing():
+    elif self.num_heads == 1 and not self.is_initializing():
       # One head: the same stacked variables (initialised by nn.vmap below, so identical), but
-      # computed without the size-1 vmap, whose batched matmuls XLA:CPU ran 1.25x slower.
+      # computed without a size-1 vmap or scan, whose batched matmuls XLA:CPU runs slower
+      # (docs/performance.md).
       head = nn.map_variables(
-          SEResNet, ("params", "batch_stats", "intermediates"),
+          SEResNet, HEAD_COLLECTIONS,
           trans_in_fn=lambda tree: jax.tree.map(lambda a: a[0], tree),
           trans_out_fn=lambda tree: jax.tree.map(lambda a: a[None], tree), mutable=True,
       )(**dict(self.backbone), num_classes=0, name="heads")
-      features = head(x, train, None if frozen is None else frozen[0])[None]
-    elif self.heads_impl == "vmap":
+      features = head(x, train, None if bn_frozen is None else bn_frozen[0])[None]
+    elif self.is_initializing() or self.backbone.get("conv_impl", SEResNet.conv_impl) != "xla":
+      # Initialisation, whatever the convolution (so every path computes on the same variables
+      # from the same rng), and im2col convolutions, which nn.vmap turns into batched matmuls
+      # that XLA splits over `data` and `heads` as it should.
       heads = nn.vmap(
           SEResNet,
-          variable_axes={"params": 0, "batch_stats": 0, "intermediates": 0},
+          variable_axes={c: 0 for c in HEAD_COLLECTIONS},
           split_rngs={"params": True, "dropout": True},
-          in_axes=(None, None) + ((0,) if frozen is not None else ()),
+          in_axes=(None, None) + ((0,) if bn_frozen is not None else ()),
           axis_size=self.num_heads,
       )(**dict(self.backbone), num_classes=0, name="heads")
       # `train` goes positionally: nn.vmap drops keyword arguments.
-      features = heads(*args)
+      features = heads(x, train, *(() if bn_frozen is None else (bn_frozen,)))
     else:
-      raise ValueError(f"heads_impl={self.heads_impl!r}; valid: vmap, loop")
+      # XLA's convolutions: the heads in turn, so that no grouped convolution meets the batch
+      # split over `data`; over a heads mesh axis, each device group runs its own heads.
+      heads = SEResNet(**dict(self.backbone), num_classes=0, name="heads")
+      mesh = heads_mesh(x)
+      if mesh is not None:
+        features = _heads_per_device_group(heads, x, train, bn_frozen, self.num_heads, mesh)
+      else:
+        features = _heads_in_turn(heads, x, train, bn_frozen, self.num_heads)
     if frozen is not None:
       features = jnp.where(frozen[:, None, None, None, None],
                            jax.lax.stop_gradient(features), features)
@@ -104,7 +202,7 @@ class MultiHeadNet(nn.Module):
 def create_multihead(arch: str, num_heads: int, num_classes: int, *, fusion: str = "concat",
                      classifier: str = "flatten_mlp", hidden: int = 512, dropout: float = 0.5,
                      frozen_heads: Sequence[int] = (), heads_impl: str = "vmap",
-                     **options) -> MultiHeadNet:
+                     frozen_bn: str = "running", **options) -> MultiHeadNet:
   """A MultiHeadNet of `num_heads` `arch` backbones; `options` as for `create_model`."""
   if num_heads < 1:
     raise ValueError(f"num_heads must be >= 1, got {num_heads}")
@@ -112,6 +210,10 @@ def create_multihead(arch: str, num_heads: int, num_classes: int, *, fusion: str
     raise ValueError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
   if classifier not in CLASSIFIERS:
     raise ValueError(f"unknown classifier {classifier!r}; valid: {', '.join(CLASSIFIERS)}")
+  if heads_impl not in HEADS_IMPLS:
+    raise ValueError(f"heads_impl={heads_impl!r}; valid: {', '.join(HEADS_IMPLS)}")
+  if frozen_bn not in FROZEN_BN:
+    raise ValueError(f"frozen_bn={frozen_bn!r}; valid: {', '.join(FROZEN_BN)}")
   if heads_impl == "loop" and frozen_heads:
     raise ValueError("frozen_heads needs heads_impl='vmap' (the stacked `heads` parameters)")
   bad = [k for k in frozen_heads if not 0 <= int(k) < num_heads]
@@ -121,7 +223,8 @@ def create_multihead(arch: str, num_heads: int, num_classes: int, *, fusion: str
   return MultiHeadNet(
       backbone=FrozenDict(backbone_fields(arch, **options)), num_heads=num_heads, num_classes=num_classes,
       fusion=fusion, classifier=classifier, hidden=hidden, dropout=dropout,
-      frozen_heads=tuple(sorted({int(k) for k in frozen_heads})), heads_impl=heads_impl)
+      frozen_heads=tuple(sorted({int(k) for k in frozen_heads})), heads_impl=heads_impl,
+      frozen_bn=frozen_bn)
 
 
 def _check_same_tree(stacked, single, what):
