@@ -19,7 +19,6 @@ takes the same flags for the PyTorch/timm reference.
 
 import argparse
 import copy
-import functools
 import json
 import os
 import resource
@@ -27,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 
 from featdiv_jax import hostmem
 
@@ -37,47 +35,34 @@ if __name__ == "__main__":  # `python -m featdiv_jax.bench`: before jax starts a
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from featdiv_jax import models, sharding, steps  # noqa: E402
+from featdiv_jax import configlib, models, sharding, steps  # noqa: E402
 
 
-def bench_config(args) -> types.SimpleNamespace:
-  ns = types.SimpleNamespace
-  heads = args.heads
-  return ns(
-      model=ns(arch=args.arch, num_heads=heads, fusion="concat",
-               classifier="flatten_mlp" if heads > 1 else "pool_linear", hidden=512,
-               dropout=0.5, frozen_heads=(), stem=args.stem, dtype=args.dtype,
-               conv_impl=args.conv_impl),
-      optimizer=ns(name="adamw", learning_rate=4e-4, weight_decay=5e-4, momentum=0.9,
-                   schedule="cosine", warmup_steps=0),
-      penalty=ns(weight=0.0 if args.no_penalty or heads < 2 else 1.0, kind="cos"),
-      seed=0, skip_nonfinite=False)
+def bench_config(args, conv_impl: str | None = None):
+  """The training config the benchmark times: the defaults with the benchmark's flags."""
+  c = configlib.with_variant(configlib.default_config(),
+                             "single" if args.heads == 1 else "multi_cos")
+  c.model.arch, c.model.num_heads, c.model.stem = args.arch, args.heads, args.stem
+  c.model.dtype, c.model.conv_impl = args.dtype, conv_impl or args.conv_impl
+  c.dataset.image_size, c.batch_size = args.image_size, args.batch
+  if args.no_penalty:
+    c.penalty.weight = 0.0
+  return c
 
 
 def build_step(args, conv_impl=None):
   """(jitted step, state, batch) for the benchmark's config on all local devices."""
-  c = bench_config(args)
-  if conv_impl:
-    c.model.conv_impl = conv_impl
-  model = models.create_multihead(
-      c.model.arch, c.model.num_heads, args.classes, classifier=c.model.classifier,
-      stem=c.model.stem, dtype=c.model.dtype, conv_impl=c.model.conv_impl,
-      heads_impl=args.heads_impl)
-  tx = steps.make_optimizer(c.optimizer, 1000)
-  mesh = sharding.make_mesh((-1, 1))
-  init = functools.partial(steps.init_state, model, tx, image_size=args.image_size)
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  state_sh = sharding.state_shardings(mesh, abstract, c.model.num_heads)
-  batch_sh = sharding.batch_sharding(mesh)
-  state = jax.jit(init, out_shardings=state_sh)(jax.random.key(0))
+  trainer = steps.make_trainer(bench_config(args, conv_impl), args.classes,
+                               sharding.make_mesh((-1, 1)), total_steps=1000,
+                               heads_impl=args.heads_impl)
+  state = trainer.init_state(jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = sharding.global_batch({
       "image": rng.normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(
           np.float32),
-      "label": rng.integers(0, args.classes, args.batch).astype(np.int32)}, batch_sh)
-  step = jax.jit(steps.bind_train_step(model, tx, c), in_shardings=(state_sh, batch_sh),
-                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-  return step, state, batch
+      "label": rng.integers(0, args.classes, args.batch).astype(np.int32)},
+      trainer.batch_sharding)
+  return trainer.train_step, state, batch
 
 
 def _flops(lowered) -> float | None:
@@ -95,7 +80,7 @@ class _Timed:
   def __init__(self, args):
     step, self.state, self.batch = build_step(args)
     t = time.perf_counter()
-    self.compiled = step.lower(self.state, self.batch).compile()
+    self.compiled = step.compile(self.state, self.batch)
     self.compile_s = time.perf_counter() - t
     self.times_ms = []
     self.page_faults = 0
@@ -261,7 +246,7 @@ def parse_args(argv):
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
                  help="compute dtype; auto: the models' default for this backend (the configs')")
-  p.add_argument("--heads-impl", default="vmap", choices=["vmap", "loop"])
+  p.add_argument("--heads-impl", default="vmap", choices=list(models.HEADS_IMPLS))
   p.add_argument("--conv-impl", default="auto", choices=["auto", *models.CONV_IMPLS])
   p.add_argument("--stem", default="imagenet", choices=list(models.STEMS))
   p.add_argument("--classes", type=int, default=10)

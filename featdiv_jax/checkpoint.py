@@ -7,6 +7,7 @@ its eval history from exactly the checkpoint it restarts from.
 import os
 from typing import Any, Optional
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -14,15 +15,31 @@ from absl import logging
 from featdiv_jax import guards
 
 
-class Checkpoints:
-  """A CheckpointManager over `directory` with items `state` (arrays) and `meta` (JSON)."""
+BEST_METRIC = "eval_accuracy"
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+
+class Checkpoints:
+  """A CheckpointManager over `directory` with items `state` (arrays) and `meta` (JSON).
+
+  It keeps the `keep` most recent steps; with `keep_best` also the newest step saved with a
+  `best` metric (the loop saves one at each new best eval accuracy), which orbax's garbage
+  collection then never removes while it stays the best.
+  """
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
+               create: bool = True, keep_best: bool = False):
     self.directory = os.path.abspath(directory)
+    options = dict(create=create, enable_async_checkpointing=async_save)
+    if keep_best:
+      policies = ocp.checkpoint_managers
+      options["preservation_policy"] = policies.AnyPreservationPolicy([
+          policies.LatestN(n=keep),
+          policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                         keep_checkpoints_without_metrics=False)])
+    else:
+      options["max_to_keep"] = keep
     self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
+        self.directory, options=ocp.CheckpointManagerOptions(**options),
         item_names=("state", "meta"))
 
   def latest_step(self) -> int | None:
@@ -31,11 +48,13 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, meta: dict) -> None:
+  def save(self, step: int, state: Any, meta: dict, best: Optional[float] = None) -> None:
     """Starts an asynchronous save; orbax writes into a temporary directory and renames it
-    when complete, so a kill mid-save leaves no step that `latest_step` would pick up."""
+    when complete, so a kill mid-save leaves no step that `latest_step` would pick up.
+    `best`: the eval accuracy that makes this step the best so far (kept with `keep_best`)."""
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True,
+        metrics=None if best is None else {BEST_METRIC: best})
     guards.fault_point("save", step)
 
   def restore_latest(self, abstract_state: Any) -> Optional[tuple]:
@@ -60,6 +79,17 @@ class Checkpoints:
           os.replace(os.path.join(self.directory, str(step)), _unused(damaged))
         self.manager.reload()
     return None
+
+  def restore_as_saved(self, step: int) -> tuple[Any, dict]:
+    """(state as nested dicts of arrays with their saved shapes, meta) of `step`, on this
+    process's first device whatever devices it was saved from: for reading a run whose model
+    this process does not build (initialising heads from it, exporting it). Orbax refuses to
+    restore onto other devices without a target, so the target is built from its metadata."""
+    saved = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(self.directory) / str(step) / "state")
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return self.restore(step, jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved))
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores into `abstract_state` (ShapeDtypeStructs carrying the wanted shardings)."""

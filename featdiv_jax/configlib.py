@@ -9,6 +9,7 @@ with `--config.field=value`.
 import importlib.util
 import math
 import os
+from typing import Callable, Mapping
 
 import ml_collections
 
@@ -30,8 +31,10 @@ ARG_KEYS = {
     "steps": ("total_steps", int),
     "batch": ("batch_size", int),
     "lr": ("optimizer.learning_rate", float),
+    "protocol": ("protocol", str),
 }
-FLAGS_WORDS = ("smoke",)
+FLAGS_WORDS = ("smoke",)  # words every config takes
+PAPER = "paper"  # the word a data set's config takes for its notebook's recipe (paper_recipe)
 
 
 class ConfigError(ValueError):
@@ -48,14 +51,22 @@ def default_config() -> ml_collections.ConfigDict:
   c.total_steps = 0                   # ... unless > 0: training length in steps
   c.batch_size = 64                   # global batch, split over the `data` mesh axis
   c.eval_batch_size = 0               # 0: same as batch_size
-  c.eval_every_steps = 0              # 0: once per epoch (and always at the end)
-  c.checkpoint_every_steps = 0        # 0: once per epoch (and always at the end)
+  c.eval_every_steps = 0              # 0: every eval_every_epochs (and always at the end)
+  c.eval_every_epochs = 1.0           # used when eval_every_steps is 0
+  c.checkpoint_every_steps = 0        # 0: every checkpoint_every_epochs (and always at the end)
+  c.checkpoint_every_epochs = 1.0     # used when checkpoint_every_steps is 0
   c.log_every_steps = 50              # train metrics / progress cadence
   c.keep_checkpoints = 3              # orbax keeps this many most recent steps
   c.mesh = (-1, 1)                    # (data, heads) device mesh; -1: all remaining devices
   c.distributed = "auto"              # jax.distributed: auto (SLURM / TPU pod / coordinator env), on, off
   c.smoke = False                     # set by the `smoke` word: tiny model, data and steps
   c.skip_nonfinite = False            # False: stop at a NaN/inf loss; True: skip such updates
+  c.protocol = "scratch"              # scratch | pretrained_head (see PROTOCOLS)
+  c.keep_best = False                 # also keep the best-accuracy checkpoint (in results.json)
+  # Stage 1 (the `single` run) of protocol=pretrained_head, where it differs from the rest:
+  c.stage1 = ml_collections.ConfigDict()
+  c.stage1.num_epochs = 0.0           # its length in epochs (0: num_epochs)
+  c.stage1.decay_epochs = 0.0         # its cosine horizon (0: optimizer.decay_epochs)
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "seresnet18"         # seresnet18/34/50/101/152 (seresnet_tiny* for tests)
@@ -67,9 +78,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.stem = "imagenet"           # imagenet (timm's 7x7/2 + max-pool) | cifar (3x3/1)
   c.model.dtype = "auto"              # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU (params stay float32)
   c.model.conv_impl = "auto"          # xla (lax conv) | im2col (slices + matmul) | auto (by backend)
-  c.model.init_from = ""              # a timm .safetensors / .npz to load into init_heads
+  c.model.init_from = ""              # timm .safetensors / .npz, or a featdiv workdir[@best|@N]
+  c.model.init_from_head = 0          # which head of a featdiv workdir's run init_from takes
   c.model.init_heads = (0,)           # heads that receive init_from
-  c.model.frozen_heads = ()           # heads whose params and BN statistics never change
+  c.model.frozen_heads = ()           # heads whose params never change
+  c.model.frozen_bn = "running"       # frozen heads' BN: running (fixed) | batch (notebooks)
 
   c.penalty = ml_collections.ConfigDict()
   c.penalty.weight = 1.0              # loss = cross-entropy + weight * cosine_diversity
@@ -82,6 +95,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.momentum = 0.9          # sgd only
   c.optimizer.schedule = "cosine"     # cosine (to 0 over training) | constant
   c.optimizer.warmup_steps = 0        # linear warm-up before the schedule
+  c.optimizer.decay_epochs = 0.0      # cosine horizon in epochs (0: the run's length)
+  c.optimizer.per_epoch = False       # True: the schedule steps once per epoch (torch's scheduler)
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "digits"           # digits | cifar10 | caltech101 | oxford_flowers102 | imagefolder
@@ -96,6 +111,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.mean = (0.5, 0.5, 0.5)    # normalisation, in [0, 1] pixel units
   c.dataset.std = (0.5, 0.5, 0.5)
   c.dataset.shuffle_buffer = 10_000
+  c.dataset.train_crop = "random"     # random (after pad) | center (the notebooks' CenterCrop)
+  c.dataset.grayscale = False         # convert to grayscale, repeated to 3 channels
+  c.dataset.exclude_classes = ()      # class names or indices dropped from both splits
+  c.dataset.holdout_fraction = 0.0    # > 0: a seeded split of train_split + eval_split ...
+  c.dataset.holdout_seed = 0          # ... into train and this held-out fraction (eval)
   return c
 
 
@@ -112,6 +132,30 @@ def smoke(c: ml_collections.ConfigDict) -> None:
   c.dataset.shuffle_buffer = 64
   if c.dataset.image_size > 32:
     c.dataset.resize_size, c.dataset.image_size = 40, 32
+
+
+def paper_recipe(c: ml_collections.ConfigDict, *, hidden: int, batch_size: int,
+                 num_epochs: float, decay_epochs: float, stage1_epochs: float) -> None:
+  """What the paper's three notebooks share (docs/reference.md, "How the published numbers were
+  produced"), the data set's numbers passed in; each `configs/X.py` adds its data recipe and
+  takes the word `paper` for both. Stage 1 trains a single SE-ResNet for `stage1_epochs` with
+  its cosine horizon equal to its length; stage 2 freezes it as head 0, which normalises with
+  batch statistics (the notebooks' train mode), sums the two maps, classifies them with a
+  dropout-free MLP and runs `num_epochs` on a horizon of `decay_epochs`, the schedule stepped
+  per epoch as torch's CosineAnnealingLR is. The best epoch's accuracy is what the table reports,
+  so its checkpoint is kept."""
+  c.protocol = "pretrained_head"
+  c.model.fusion, c.model.classifier = "sum", "flatten_mlp"
+  c.model.hidden, c.model.dropout = hidden, 0.0
+  c.model.frozen_bn = "batch"
+  c.penalty.kind, c.penalty.weight = "cos", 1.0
+  c.optimizer.name, c.optimizer.learning_rate, c.optimizer.weight_decay = "adamw", 4e-4, 5e-4
+  c.optimizer.schedule, c.optimizer.warmup_steps = "cosine", 0
+  c.optimizer.decay_epochs, c.optimizer.per_epoch = float(decay_epochs), True
+  c.batch_size, c.num_epochs, c.total_steps = batch_size, float(num_epochs), 0
+  c.stage1.num_epochs = c.stage1.decay_epochs = float(stage1_epochs)
+  c.eval_every_epochs, c.eval_every_steps = 1.0, 0
+  c.keep_best = True
 
 
 def _field(c, dotted):
@@ -131,23 +175,41 @@ def load_config_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
   return module.get_config(arg)
 
 
-def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """Parses `variant[,key=value...][,smoke]` into `c` (see ARG_KEYS) and applies the variant."""
+def apply_arg(c: ml_collections.ConfigDict, arg: str | None,
+              words: Mapping[str, Callable[[ml_collections.ConfigDict], None]] | None = None
+              ) -> ml_collections.ConfigDict:
+  """Parses `variant[,word...][,key=value...]` into `c` and applies the variant.
+
+  Words are recipes: a data set config's own (`words`, e.g. {"paper": paper_recipe}) in the order
+  given, then `smoke`, which shrinks whatever recipe came before it; the key=value overrides
+  (ARG_KEYS) come last wherever they stand, so `compare,paper,batch=64` and
+  `compare,batch=64,paper` both train the paper's recipe at batch 64.
+  """
+  words = dict(words or {})
+  known_words = tuple(words) + FLAGS_WORDS
   tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
   variant = c.variant
-  if tokens and "=" not in tokens[0] and tokens[0] not in FLAGS_WORDS:
+  if tokens and "=" not in tokens[0] and tokens[0] not in known_words:
     variant = tokens.pop(0)
   if variant not in VARIANTS + (COMPARE,):
     raise ConfigError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS + (COMPARE,))}")
+  settings = []
   for token in tokens:
-    if token in FLAGS_WORDS:
-      smoke(c)
-      continue
     key, sep, value = token.partition("=")
-    if not sep or key not in ARG_KEYS:
-      raise ConfigError(f"unknown config argument {token!r}; valid: a variant "
-                       f"({', '.join(VARIANTS + (COMPARE,))}), 'smoke', or key=value with key "
-                       f"in {', '.join(ARG_KEYS)}")
+    if token in known_words or (sep and key in ARG_KEYS):
+      settings.append((key, value) if sep else (token, None))
+      continue
+    raise ConfigError(f"unknown config argument {token!r}; valid: a variant "
+                      f"({', '.join(VARIANTS + (COMPARE,))}) first, a word "
+                      f"({', '.join(known_words)}), or key=value with key in {', '.join(ARG_KEYS)}")
+  for word, _ in settings:
+    if word in words:
+      words[word](c)
+  if ("smoke", None) in settings:
+    smoke(c)
+  for key, value in settings:
+    if value is None:
+      continue
     dotted, typ = ARG_KEYS[key]
     try:
       parsed = typ(value)
@@ -180,16 +242,65 @@ def with_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.C
   return c
 
 
+def validated_runs(c, num_devices: int, process_count: int, workdir: str = "") -> list:
+  """(sub-workdir, config) of each model a command trains, all validated before any runs:
+  ("", c) itself, or (variant, config) for each of a comparison's `compare_variants`.
+
+  With protocol=pretrained_head a comparison is the paper's two stages: `single` first, from
+  scratch; then each multi-head variant with head 0 initialised from WORKDIR/single (its last
+  step) and frozen. A standalone multi-head run of that protocol takes head 0 from `init_from`.
+  """
+  c = with_protocol(c)
+  validate(c, num_devices, process_count)
+  if c.variant != COMPARE:
+    return [("", c)]
+  variants = list(c.compare_variants)
+  if c.protocol == "pretrained_head":
+    _check("single" in variants, "compare_variants", tuple(variants),
+           "a tuple with 'single' (stage 1 of protocol='pretrained_head')")
+    variants.sort(key=lambda v: v != "single")  # stage 1 first
+  runs = [(v, with_protocol(with_variant(c, v))) for v in variants]
+  for _, config in runs:
+    stage_2 = c.protocol == "pretrained_head" and config.variant != "single"
+    if stage_2:
+      config.model.init_from = os.path.join(workdir, "single")
+    # Stage 1 has not run yet: its workdir is checked when stage 2 starts.
+    validate(config, num_devices, process_count, init_from_pending=stage_2)
+  return runs
+
+
+def with_protocol(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`c` with what its protocol implies: under pretrained_head a single run (stage 1) trains
+  from scratch, for `stage1`'s epochs and horizon where set, and a multi-head run freezes head 0,
+  which it takes from `init_from`."""
+  if c.protocol != "pretrained_head" or c.variant == COMPARE:
+    return c
+  c = ml_collections.ConfigDict(c.to_dict())
+  if c.variant == "single":
+    c.model.init_from, c.model.frozen_heads = "", ()
+    if c.stage1.num_epochs > 0:
+      c.num_epochs = c.stage1.num_epochs
+    if c.stage1.decay_epochs > 0:
+      c.optimizer.decay_epochs = c.stage1.decay_epochs
+  else:
+    c.model.init_heads, c.model.frozen_heads = (0,), (0,)
+  return c
+
+
 def model_signature(c) -> dict:
   """The fields that decide the shapes and meaning of a checkpoint's state."""
   model = {k: v for k, v in c.model.to_dict().items()
-           if k not in ("init_from", "init_heads", "dtype")}  # only matter at init / speed
+           if k not in ("init_from", "init_from_head", "init_heads", "dtype")}  # init / speed
   return {"model": model, "dataset.name": c.dataset.name,
           "dataset.image_size": c.dataset.image_size, "optimizer.name": c.optimizer.name}
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-CONV_IMPLS = ("auto", "xla", "im2col")
+DISTRIBUTED_MODES = ("auto", "on", "off")
+# scratch: every model from scratch; pretrained_head: the paper's notebooks -- `single` trained
+# first, then the multi-head models with head 0 initialised from it and frozen.
+PROTOCOLS = ("scratch", "pretrained_head")
+# Compute dtypes a training run accepts: float16 would need loss scaling, which the step lacks.
+TRAINING_DTYPES = ("auto", "float32", "bfloat16")
 # Smallest input each stem turns into at least a 1x1 final map by design (total stride).
 MIN_IMAGE_SIZE = {"imagenet": 32, "cifar": 8}
 
@@ -238,7 +349,7 @@ def override(c: ml_collections.ConfigDict, dotted: str, value) -> None:
 
 def expected_type(c, dotted: str) -> str:
   """What values the field `dotted` of `c` accepts, in words ("an integer", "a string", ...)."""
-  return _describe_type(_get(c, dotted))
+  return _describe_type(get_field(c, dotted))
 
 
 def _check(ok: bool, field: str, value, valid: str) -> None:
@@ -255,45 +366,61 @@ def _is_number(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _get(c, field):
+def get_field(c, field: str):
+  """`c.<field>` for a dotted field name."""
   parent, leaf = _field(c, field)
   return parent[leaf]
 
 
 def _one_of(c, field, options):
-  value = _get(c, field)
+  value = get_field(c, field)
   _check(value in options, field, value, ", ".join(map(str, options)))
 
 
 def _int_at_least(c, field, low, why=""):
-  value = _get(c, field)
+  value = get_field(c, field)
   _check(_is_int(value) and value >= low, field, value, f"an integer >= {low}{why}")
 
 
 def _number_at_least(c, field, low, why=""):
-  value = _get(c, field)
+  value = get_field(c, field)
   _check(_is_number(value) and value >= low, field, value, f"a finite number >= {low}{why}")
 
 
 def _sequence(c, field, valid) -> tuple:
   """The field as a tuple; a field ConfigDict let become None or a scalar is refused."""
-  value = _get(c, field)
+  value = get_field(c, field)
   _check(isinstance(value, (tuple, list)), field, value, valid)
   return tuple(value)
 
 
 def check_distributed(c) -> None:
   """The one field main needs before jax starts (jax.distributed must come first)."""
-  _one_of(c, "distributed", ("auto", "on", "off"))
+  _one_of(c, "distributed", DISTRIBUTED_MODES)
 
 
-def validate(c, num_devices: int | None = None, process_count: int = 1) -> None:
-  """Raises ConfigError for the first field that cannot work; checks every field first."""
-  # Imported here so configs stay importable without jax's device initialisation.
-  from featdiv_jax import losses
-  from featdiv_jax.models import ARCHS, CLASSIFIERS, FUSIONS, STEMS
-  from featdiv_jax.data.errors import DATASETS
+def validate(c, num_devices: int, process_count: int = 1,
+             init_from_pending: bool = False) -> None:
+  """Raises ConfigError for the first field that cannot work; checks every field first.
 
+  The one place a config is checked: the model, loss, optimizer and data code that it
+  configures trusts what passed here. `init_from_pending`: model.init_from names a run the same
+  command trains first (stage 1 of a comparison), not there yet.
+  """
+  # Imported here, not at the top: configs and the sweep import configlib without jax or TF.
+  from featdiv_jax import losses, models, optim, sharding  # pylint: disable=import-outside-toplevel
+  from featdiv_jax.data.errors import DATASETS, TRAIN_CROPS  # pylint: disable=g-import-not-at-top
+  _validate_run(c)
+  _validate_model(c, models)
+  _validate_penalty(c, losses.PENALTY_KINDS)
+  _validate_optimizer(c, optim)
+  _validate_dataset(c, DATASETS, TRAIN_CROPS)
+  _validate_mesh(c, num_devices, process_count, sharding)
+  if c.model.init_from and not init_from_pending:
+    _validate_init_from(c, models)
+
+
+def _validate_run(c) -> None:
   _one_of(c, "variant", VARIANTS + (COMPARE,))
   valid = f"a non-empty tuple of {', '.join(VARIANTS)}"
   variants = _sequence(c, "compare_variants", valid)
@@ -307,24 +434,39 @@ def validate(c, num_devices: int | None = None, process_count: int = 1) -> None:
          "> 0 (or total_steps > 0)")
   for field in ("eval_batch_size", "eval_every_steps", "checkpoint_every_steps"):
     _int_at_least(c, field, 0)
+  for field in ("eval_every_epochs", "checkpoint_every_epochs"):
+    _check(_is_number(c[field]) and c[field] > 0, field, c[field], "a finite number > 0")
   for field in ("batch_size", "log_every_steps", "keep_checkpoints"):
     _int_at_least(c, field, 1)
-  _one_of(c, "distributed", ("auto", "on", "off"))
-  _check(isinstance(c.skip_nonfinite, bool), "skip_nonfinite", c.skip_nonfinite, "True or False")
+  _one_of(c, "distributed", DISTRIBUTED_MODES)
+  _one_of(c, "protocol", PROTOCOLS)
+  for field in ("skip_nonfinite", "keep_best"):
+    _check(isinstance(c[field], bool), field, c[field], "True or False")
+  for field in ("stage1.num_epochs", "stage1.decay_epochs"):
+    _number_at_least(c, field, 0)
 
+
+def _validate_model(c, models) -> None:
   m = c.model
-  _one_of(c, "model.arch", tuple(ARCHS))
+  _one_of(c, "model.arch", tuple(models.ARCHS))
   _int_at_least(c, "model.num_heads", 1)
-  _one_of(c, "model.fusion", FUSIONS)
-  _one_of(c, "model.classifier", CLASSIFIERS)
-  _one_of(c, "model.stem", STEMS)
-  _one_of(c, "model.dtype", DTYPES)
-  _one_of(c, "model.conv_impl", CONV_IMPLS)
+  _one_of(c, "model.fusion", models.FUSIONS)
+  _one_of(c, "model.classifier", models.CLASSIFIERS)
+  _one_of(c, "model.stem", models.STEMS)
+  _check(m.dtype in TRAINING_DTYPES, "model.dtype", m.dtype,
+         f"{', '.join(TRAINING_DTYPES)} (float16 needs loss scaling, which training lacks)")
+  _one_of(c, "model.conv_impl", ("auto",) + models.CONV_IMPLS)
   _int_at_least(c, "model.hidden", 1)
   _check(_is_number(m.dropout) and 0 <= m.dropout < 1, "model.dropout", m.dropout,
          "a number in [0, 1)")
   _check(isinstance(m.init_from, str), "model.init_from", m.init_from,
-         "a path to a .safetensors or .npz file, or '' for none")
+         "a .safetensors or .npz file, a featdiv workdir[@best|@STEP], or '' for none")
+  _int_at_least(c, "model.init_from_head", 0)
+  _check(bool(m.init_from) or c.protocol != "pretrained_head" or c.variant in ("single", COMPARE),
+         "model.init_from", m.init_from,
+         f"a trained single run's workdir (or timm weights) for head 0: protocol="
+         f"'pretrained_head' trains {c.variant} on a pretrained, frozen head 0")
+  _one_of(c, "model.frozen_bn", models.FROZEN_BN)
   for field in ("frozen_heads", "init_heads"):
     valid = f"head indices in 0..{m.num_heads - 1} (model.num_heads={m.num_heads})"
     heads = _sequence(c, f"model.{field}", f"a tuple of {valid}")
@@ -332,22 +474,31 @@ def validate(c, num_devices: int | None = None, process_count: int = 1) -> None:
            valid)
   # Every head frozen is allowed: the classifier still trains (a linear probe).
 
-  _one_of(c, "penalty.kind", losses.PENALTY_KINDS)
-  _number_at_least(c, "penalty.weight", 0, " (kind='align' pulls heads together)")
-  _check(not (c.penalty.weight > 0 and m.num_heads < 2), "penalty.weight", c.penalty.weight,
-         f"0 with model.num_heads={m.num_heads}: the penalty compares heads and needs "
-         f"num_heads >= 2")
 
-  o = c.optimizer
-  _one_of(c, "optimizer.name", ("adamw", "sgd"))
-  _one_of(c, "optimizer.schedule", ("cosine", "constant"))
+def _validate_penalty(c, kinds) -> None:
+  _one_of(c, "penalty.kind", kinds)
+  _number_at_least(c, "penalty.weight", 0, " (kind='align' pulls heads together)")
+  heads = c.model.num_heads
+  _check(not (c.penalty.weight > 0 and heads < 2), "penalty.weight", c.penalty.weight,
+         f"0 with model.num_heads={heads}: the penalty compares heads and needs num_heads >= 2")
+
+
+def _validate_optimizer(c, optim) -> None:
+  _one_of(c, "optimizer.name", optim.OPTIMIZERS)
+  _one_of(c, "optimizer.schedule", optim.SCHEDULES)
   for field in ("learning_rate", "weight_decay", "momentum"):
     _number_at_least(c, f"optimizer.{field}", 0)
-  _check(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a number > 0")
+  _check(c.optimizer.learning_rate > 0, "optimizer.learning_rate", c.optimizer.learning_rate,
+         "a number > 0")
   _int_at_least(c, "optimizer.warmup_steps", 0)
+  _number_at_least(c, "optimizer.decay_epochs", 0)
+  _check(isinstance(c.optimizer.per_epoch, bool), "optimizer.per_epoch", c.optimizer.per_epoch,
+         "True or False")
 
-  d = c.dataset
-  _one_of(c, "dataset.name", DATASETS)
+
+def _validate_dataset(c, datasets, train_crops) -> None:
+  d, stem = c.dataset, c.model.stem
+  _one_of(c, "dataset.name", datasets)
   _check(isinstance(d.data_dir, str), "dataset.data_dir", d.data_dir,
          "a directory path, or '' for the TFDS default")
   for field in ("train_split", "eval_split"):
@@ -355,9 +506,9 @@ def validate(c, num_devices: int | None = None, process_count: int = 1) -> None:
            "a split name such as 'train' or 'test'")
   for field in ("download", "flip"):
     _check(isinstance(d[field], bool), f"dataset.{field}", d[field], "True or False")
-  others = ", ".join(f"{s!r}: >= {n}" for s, n in MIN_IMAGE_SIZE.items() if s != m.stem)
-  _int_at_least(c, "dataset.image_size", MIN_IMAGE_SIZE[m.stem],
-                f" for model.stem={m.stem!r}, its total stride (other stems: {others})")
+  others = ", ".join(f"{s!r}: >= {n}" for s, n in MIN_IMAGE_SIZE.items() if s != stem)
+  _int_at_least(c, "dataset.image_size", MIN_IMAGE_SIZE[stem],
+                f" for model.stem={stem!r}, its total stride (other stems: {others})")
   _int_at_least(c, "dataset.resize_size", 0)
   _int_at_least(c, "dataset.pad", 0)
   _int_at_least(c, "dataset.shuffle_buffer", 1)
@@ -366,10 +517,33 @@ def validate(c, num_devices: int | None = None, process_count: int = 1) -> None:
     _check(len(value) == 3 and all(_is_number(v) for v in value),
            f"dataset.{field}", value, "three finite numbers (R, G, B)")
   _check(all(s > 0 for s in d.std), "dataset.std", tuple(d.std), "three numbers > 0")
+  _one_of(c, "dataset.train_crop", train_crops)
+  _check(isinstance(d.grayscale, bool), "dataset.grayscale", d.grayscale, "True or False")
+  valid = "a tuple of class names or indices >= 0"
+  excluded = _sequence(c, "dataset.exclude_classes", valid)
+  _check(all(isinstance(k, str) and k or _is_int(k) and k >= 0 for k in excluded),
+         "dataset.exclude_classes", excluded, valid)
+  _check(_is_number(d.holdout_fraction) and 0 <= d.holdout_fraction < 1,
+         "dataset.holdout_fraction", d.holdout_fraction, "a number in [0, 1) (0: off)")
+  _check(_is_int(d.holdout_seed) and -2**63 <= d.holdout_seed < 2**63, "dataset.holdout_seed",
+         d.holdout_seed, "a 64-bit integer")
 
-  _validate_mesh(c, num_devices, process_count)
-  if m.init_from:
-    _validate_init_from(c)
+
+def _validate_init_from_run(c, runs, workdir: str, which: str) -> None:
+  """A featdiv run as `model.init_from`: it exists, has the step, and is of our arch/stem."""
+  spec, m = c.model.init_from, c.model
+  try:
+    source = runs.read_config(workdir).model
+    runs.resolve_step(workdir, which, runs.checkpoint_steps(workdir))
+  except runs.RunError as e:
+    raise ConfigError(f"model.init_from={spec!r}: {e}; valid: a featdiv workdir with a "
+                      "checkpoint, optionally @best or @STEP") from None
+  if (source.arch, source.stem) != (m.arch, m.stem):
+    raise ConfigError(f"model.init_from={spec!r} holds a run of model.arch={source.arch!r} "
+                      f"with model.stem={source.stem!r}; valid: a run of model.arch={m.arch!r} "
+                      f"with model.stem={m.stem!r}")
+  _check(m.init_from_head < source.num_heads, "model.init_from_head", m.init_from_head,
+         f"0..{source.num_heads - 1} (the run in {workdir} has {source.num_heads} head(s))")
 
 
 def _valid_meshes(c, num_devices) -> str:
@@ -384,11 +558,7 @@ def _valid_meshes(c, num_devices) -> str:
           f" (one size may be -1): {fits}")
 
 
-def _validate_mesh(c, num_devices, process_count):
-  from featdiv_jax import sharding
-  if num_devices is None:
-    import jax
-    num_devices = jax.device_count()
+def _validate_mesh(c, num_devices, process_count, sharding):
   valid = _valid_meshes(c, num_devices)
   mesh = _sequence(c, "mesh", valid)
   # Checked here: resolve_mesh_shape would turn 2.5 into 2, and '(a,1)' into a ValueError.
@@ -402,13 +572,23 @@ def _validate_mesh(c, num_devices, process_count):
     value = c[field] or c.batch_size
     _check(value % data == 0 and value % process_count == 0, field, value,
            f"a multiple of the data axis ({data} devices) and of the {process_count} processes")
+  # Each process feeds its own slice of the batch to its own devices, so a group of devices that
+  # shares one data shard (the heads axis) must sit in one process.
+  local = num_devices // process_count
+  _check(heads == 1 or local % heads == 0, "mesh", mesh,
+         f"a heads axis within one host: its {heads} devices would span processes of {local} "
+         f"devices each, which feed different data; use heads dividing {local}")
 
 
-def _validate_init_from(c):
-  import os
-  from featdiv_jax import models
+def _validate_init_from(c, models):
+  from featdiv_jax import runs  # pylint: disable=g-import-not-at-top  # orbax: only when needed
   path, arch, stem = c.model.init_from, c.model.arch, c.model.stem
-  _check(os.path.isfile(path), "model.init_from", path, "an existing .safetensors or .npz file")
+  run = runs.split_spec(path)
+  if run:
+    _validate_init_from_run(c, runs, *run)
+    return
+  _check(os.path.isfile(path), "model.init_from", path,
+         "an existing .safetensors or .npz file, or a featdiv workdir[@best|@STEP]")
   try:
     state = models.read_state_dict(path)
   # safetensors, zipfile and numpy each raise their own exception types for a damaged file, and

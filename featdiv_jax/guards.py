@@ -10,7 +10,9 @@ import os
 import signal
 from typing import Optional
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 
@@ -56,36 +58,75 @@ class WorkdirLock:
 
 
 class PreemptionWatch:
-  """Turns SIGTERM (a cloud VM's preemption notice) into a flag the loop polls.
+  """Turns SIGTERM (a cloud VM's or a scheduler's preemption notice) into a stop the loop polls.
 
-  With several processes the decision is taken together at `jax`'s preemption sync point, so
-  every host saves the same step; with one it is the local flag.
+  Two ways, decided when the watch is entered:
+  - jax.distributed running with its preemption service (JAX's default; any number of
+    processes): `jax.distributed.initialize` installed a C++ SIGTERM notifier that tells every
+    process through the coordination service, and `should_stop` is JAX's preemption sync point,
+    True at the same step on every host, so all save that step together. No Python handler is
+    installed: it would replace JAX's notifier, and the sync point would then never fire.
+  - one process without jax.distributed: a Python SIGTERM handler sets a flag that
+    `should_stop` returns.
+  With several processes but the preemption service turned off (jax_enable_preemption_service),
+  nothing is watched (a warning says so): a host stopping alone would hang the others.
+
+  `should_stop(step)` must be called at every training step, on every process (the sync point
+  is the step after the furthest one any host had reached when the notice arrived); `start(step)`
+  once before the first step of a run tells JAX where the run starts, so that a notice arriving
+  while a resumed run restores or compiles stops it at its first step.
   """
 
   def __init__(self):
     self.requested = False
+    self.mode = None  # "sync", "local" or "off", set by __enter__
     self._previous = None
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: leave signals alone
-      self._previous = None
+    self.mode = _preemption_mode()
+    if self.mode == "local":
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        self._previous = None
+    elif self.mode == "off":
+      logging.warning("jax.distributed runs without its preemption service "
+                      "(jax_enable_preemption_service=False): a SIGTERM will not save a "
+                      "checkpoint")
     return self
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
+  def start(self, step: int) -> None:
+    """Records the step a run starts from (call once, before its first training step)."""
+    if self._mode() == "sync" and multihost_utils.reached_preemption_sync_point(step):
+      self.requested = True  # the sync point is this very step (every host sees the same)
+
   def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      return bool(multihost_utils.reached_preemption_sync_point(step))
-    return self.requested
+    mode = self._mode()
+    if mode == "sync":
+      return bool(multihost_utils.reached_preemption_sync_point(step)) or self.requested
+    return mode == "local" and self.requested
+
+  def _mode(self) -> str:
+    if self.mode is None:  # used without `with`: decide now, install nothing
+      self.mode = _preemption_mode()
+    return self.mode
 
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+def _preemption_mode() -> str:
+  """'sync' when jax.distributed runs with its preemption service, else 'local' for one
+  process, 'off' for several."""
+  if jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service:
+    return "sync"
+  return "local" if jax.process_count() == 1 else "off"
 
 
 def fault_point(name: str, step: int) -> None:

@@ -43,11 +43,16 @@ applied = False  # whether reuse_freed_memory() changed glibc's settings in this
 CHOICES = ("reuse", "default")
 
 
-def _computes_on_cpu() -> bool:
+# Device nodes of accelerators JAX computes on: NVIDIA GPUs, TPUs up to v4 (`accel`) and TPU
+# v5e/v5p/v6e, which the TPU runtime reaches through VFIO groups (`/dev/vfio/<N>`).
+ACCELERATOR_NODES = ("nvidia[0-9]*", "accel[0-9]*", "vfio/[0-9]*")
+
+
+def _computes_on_cpu(dev: str = "/dev") -> bool:
   platforms = os.environ.get("JAX_PLATFORMS", "")
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
-  return not any(glob.glob(pattern) for pattern in ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*"))
+  return not any(glob.glob(os.path.join(dev, pattern)) for pattern in ACCELERATOR_NODES)
 
 
 def reuse_freed_memory() -> bool:

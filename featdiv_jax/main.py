@@ -2,32 +2,28 @@ r"""Train and evaluate: `python -m featdiv_jax.main --config=configs/X.py[:arg] 
 
 Re-running the same command resumes from the latest checkpoint in DIR. With the `compare`
 variant (the digits default) each of `config.compare_variants` trains in DIR/<variant> and a
-table of their accuracies is printed at the end.
+table of their accuracies is printed at the end. The flags are described in `featdiv_jax.cli`;
+absl's own flags (e.g. `--verbosity`) are accepted too.
 """
 
 import logging as std_logging
-import os
-import re
 import sys
 
 if __name__ == "__main__":  # `python -m featdiv_jax.main`: before any library starts a thread
   from featdiv_jax import hostmem
   hostmem.at_entry_point()
 
+# pylint: disable=wrong-import-position
 from absl import app  # noqa: E402
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
+import jax
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally with ':variant,key=value,...'.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.json.")
-flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0 for jax.distributed (multi-host runs).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs).")
+from featdiv_jax import cli, configlib, data, distributed, guards, runs, sharding, train, workdir
 
+USER_ERRORS = (configlib.ConfigError, data.DatasetError, sharding.MeshError, runs.RunError,
+               workdir.WorkdirError, guards.WorkdirBusyError, train.NonFiniteError,
+               distributed.DeviceCountError)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -36,43 +32,6 @@ class _QuietLibraries(std_logging.Filter):
   def filter(self, record):
     return record.levelno >= std_logging.WARNING or not any(
         part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/"))
-
-
-def maybe_initialize_distributed(mode: str) -> bool:
-  """Starts JAX's distributed runtime when asked to or when a cluster environment is detected."""
-  import jax
-  explicit = FLAGS.coordinator_address is not None
-  if mode == "off" and not explicit:
-    return False
-  if mode == "auto" and not explicit:
-    multi_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if not (multi_slurm or tpu_pod or "JAX_COORDINATOR_ADDRESS" in os.environ
-            or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ):
-      return False
-  if jax.distributed.is_initialized():
-    return True
-  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
-  return True
-
-
-def variants(config) -> list:
-  """The configs a run trains: the config itself, or one per variant of a comparison."""
-  from featdiv_jax import configlib
-  if config.variant != configlib.COMPARE:
-    return [config]
-  return [configlib.with_variant(config, v) for v in config.compare_variants]
-
-
-def run(config, workdir: str) -> dict:
-  """One model, or every variant of a comparison (one sub-workdir each): {variant: results}."""
-  from featdiv_jax import configlib, train
-  if config.variant != configlib.COMPARE:
-    return {config.variant: train.train_and_evaluate(config, workdir)}
-  return {c.variant: train.train_and_evaluate(c, os.path.join(workdir, c.variant))
-          for c in variants(config)}
 
 
 def summary_table(results: dict) -> str:
@@ -90,100 +49,25 @@ def _pct(x):
   return "     -  " if x is None else f"{100 * x:7.2f}%"
 
 
-class UsageError(Exception):
-  """A bad command line: one line for the user, no traceback."""
-
-
-def parse_flags(argv) -> list:
-  """absl flag parsing that turns a bad flag or config into one UsageError line."""
-  saved, sys.argv = sys.argv, list(argv)  # config_flags reads --config.x overrides from here
-  try:
-    FLAGS.unparse_flags()
-    for name in [n for n in FLAGS if n.startswith("config.")]:
-      delattr(FLAGS, name)  # override flags of an earlier call are defined anew
-    return FLAGS(argv)
-  except flags.Error as e:
-    # config_flags embeds the config file's traceback; its last line is the actual error.
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    message = lines[0] if len(lines) == 1 else f"{lines[0].split(':')[0]}: {lines[-1]}"
-    raise UsageError(_with_valid_type(message, argv)) from None
-  except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
-    # config_flags resolves `--config.<field>` paths itself, and one that names no field escapes
-    # as one of these instead of a flags.Error.
-    raise UsageError(_unknown_override(argv) or f"{type(e).__name__}: {e}") from None
-  finally:
-    sys.argv = saved
-
-
-_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)(?:=(.*))?$", re.DOTALL)
-
-
-def _overrides(argv) -> list:
-  """(field, value or None) of each `--config.<field>[=value]` in argv."""
-  return [m.groups() for m in map(_OVERRIDE.match, argv) if m]
-
-
-def _unknown_override(argv):
-  """Why the first `--config.<field>` that names no config field is wrong, or None.
-
-  Every config file builds on `configlib.default_config()`, so its fields are the ones to know.
-  """
-  from featdiv_jax import configlib
-  config = configlib.default_config()
-  for field, _ in _overrides(argv):
-    why = configlib.unknown_field(config, field)
-    if why:
-      return f"--config.{field}: {why}"
-  return None
-
-
-def _with_valid_type(message: str, argv) -> str:
-  """Adds what a `--config.<field>` accepts to absl's 'flag --config.x=v: <parse error>'."""
-  from featdiv_jax import configlib
-  config = configlib.default_config()
-  for field, value in _overrides(argv):
-    if (value is not None and message.startswith(f"flag --config.{field}={value}: ")
-        and not configlib.unknown_field(config, field)):
-      reason = message[len(f"flag --config.{field}={value}: "):]
-      return (f"--config.{field}={value!r} has the wrong type ({reason}); valid: "
-              f"{configlib.expected_type(config, field)}")
-  return message
-
-
-def _cli_flags_parser(argv):
-  try:
-    return parse_flags(argv)
-  except UsageError as e:
-    print(f"featdiv_jax: error: {e}", file=sys.stderr)
-    sys.exit(1)
-
-
-def main(argv):
+def main(argv) -> int:
   """Runs the job; returns 0 when done or preempted (resumable), 1 for a user error."""
-  from featdiv_jax import configlib, data, guards, sharding, train
-  user_errors = (UsageError, configlib.ConfigError, data.DatasetError, sharding.MeshError,
-                 train.WorkdirError, guards.WorkdirBusyError, train.NonFiniteError)
   try:
-    if len(argv) > 1:  # called directly with flags (not through app.run): parse them now
-      parse_flags(argv)
-    if FLAGS.config is None or not FLAGS.workdir:
-      raise UsageError("usage: python -m featdiv_jax.main "
-                       "--config=configs/digits.py[:variant,...] --workdir=DIR")
-    config = FLAGS.config
+    command = cli.parse(argv[1:])
     handler = logging.get_absl_handler()
     if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
       handler.addFilter(_QuietLibraries())
     # jax.distributed must start before jax touches a device, so its mode is checked first.
-    configlib.check_distributed(config)
-    maybe_initialize_distributed(config.distributed)
-    import jax
-    # The config itself, then every variant it expands to, before any of them runs.
-    configlib.validate(config, jax.device_count(), jax.process_count())
-    if config.variant == configlib.COMPARE:
-      for c in variants(config):
-        configlib.validate(c, jax.device_count(), jax.process_count())
-    results = run(config, FLAGS.workdir)
-  except user_errors as e:
+    configlib.check_distributed(command.config)
+    distributed.maybe_initialize(command.config.distributed, command.coordinator_address,
+                                 command.num_processes, command.process_id)
+    logging.info("%s", distributed.check_devices(
+        distributed.expected_devices(), jax.device_count(), jax.local_device_count(),
+        jax.process_count(), jax.default_backend()))
+    # The config and every variant it expands to, validated before any of them runs.
+    planned = configlib.validated_runs(command.config, jax.device_count(),
+                                       jax.process_count(), command.workdir)
+    results = train.train_runs(planned, command.workdir)
+  except USER_ERRORS as e:
     print(f"featdiv_jax: error: {e}", file=sys.stderr)
     return 1
   except train.Preempted as e:
@@ -194,5 +78,20 @@ def main(argv):
   return 0
 
 
+def parse_flags(argv) -> list:
+  """app.run's flag parser: absl's own flags (logging) go to absl; ours stay for `main`."""
+  ours, others = cli.split(argv)
+  try:
+    flags.FLAGS([argv[0], *others])
+  except flags.Error as e:
+    print(f"featdiv_jax: error: {e}; {cli.USAGE}", file=sys.stderr)
+    sys.exit(1)
+  return [argv[0], *ours]
+
+
+def run_cli() -> None:
+  app.run(main, flags_parser=parse_flags)
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=_cli_flags_parser)
+  run_cli()

@@ -1,4 +1,7 @@
-"""Optimizer pieces that know about the stacked head axis."""
+"""The optimizer: learning-rate schedule, AdamW/SGD with torch's weight decay, frozen heads.
+
+No TensorFlow, clu or ml_collections here; configs are read by attribute only.
+"""
 
 from typing import Sequence
 
@@ -6,6 +9,53 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
+def learning_rate_schedule(optimizer_config, total_steps: int,
+                           steps_per_epoch: int = 0) -> optax.Schedule:
+  """Linear warm-up from 0 (if any), then `cosine` decay or `constant`.
+
+  The cosine reaches 0 at the end of the run, or -- with `decay_epochs` -- follows torch's
+  CosineAnnealingLR with T_max = decay_epochs: half a cosine period per T_max, rising again
+  after it (the paper's notebooks run 45 epochs with T_max 30, or 30 with T_max 200). With
+  `per_epoch` the rate changes once per epoch, as torch's scheduler stepped per epoch does.
+  """
+  config = optimizer_config
+  peak, warmup = config.learning_rate, config.warmup_steps
+  if (config.decay_epochs or config.per_epoch) and steps_per_epoch < 1:
+    raise ValueError("optimizer.decay_epochs and optimizer.per_epoch need the epoch length "
+                     "(steps_per_epoch)")
+  if config.schedule == "constant":
+    main = optax.constant_schedule(peak)
+  elif config.decay_epochs:
+    horizon = config.decay_epochs * steps_per_epoch
+    main = lambda step: peak * 0.5 * (1.0 + jnp.cos(jnp.pi * step / horizon))
+  else:
+    main = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
+  if config.per_epoch:
+    by_step = main
+    main = lambda step: by_step(step // steps_per_epoch * steps_per_epoch)
+  if warmup <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+
+
+def make_optimizer(optimizer_config, total_steps: int, frozen_heads: Sequence[int] = (),
+                   steps_per_epoch: int = 0
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(transformation, its learning-rate schedule): AdamW or SGD with weight decay on every
+  parameter (torch's behaviour), the frozen heads' updates zeroed last."""
+  lr = learning_rate_schedule(optimizer_config, total_steps, steps_per_epoch)
+  decay = optimizer_config.weight_decay
+  if optimizer_config.name == "adamw":
+    tx = optax.adamw(lr, weight_decay=decay)
+  else:  # sgd: torch adds the decay to the gradient, before momentum
+    tx = optax.chain(optax.add_decayed_weights(decay),
+                     optax.sgd(lr, momentum=optimizer_config.momentum))
+  return optax.chain(tx, freeze_heads(frozen_heads)), lr
 
 
 def _head_keep(num_heads: int, frozen_heads: Sequence[int]) -> np.ndarray:

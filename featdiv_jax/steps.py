@@ -1,19 +1,21 @@
-"""The model side of training as pure functions: state, optimizer, loss, train and eval steps.
+"""The model side of training: state, loss, train and eval steps, and the factory that jits them.
 
 No TensorFlow, clu or ml_collections here (accelerator images lack them): configs are read by
 attribute only, and steps return plain dicts of arrays that the loop turns into clu metrics.
 """
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
 
-from featdiv_jax import losses, models
-from featdiv_jax.optim import freeze_heads
+from featdiv_jax import losses, models, sharding
+from featdiv_jax.optim import make_optimizer
 
 
 @flax.struct.dataclass
@@ -24,38 +26,14 @@ class TrainState:
   opt_state: Any
 
 
-def build_model(mc, num_classes: int) -> models.MultiHeadNet:
+def build_model(model_config, num_classes: int, heads_impl: str = "vmap"
+                ) -> models.MultiHeadNet:
   """A MultiHeadNet from a config's `model` block."""
+  m = model_config
   return models.create_multihead(
-      mc.arch, int(mc.num_heads), num_classes, fusion=mc.fusion, classifier=mc.classifier,
-      hidden=int(mc.hidden), dropout=float(mc.dropout), frozen_heads=tuple(mc.frozen_heads),
-      stem=mc.stem, dtype=mc.dtype, conv_impl=mc.conv_impl)
-
-
-def learning_rate_schedule(oc, total_steps: int) -> optax.Schedule:
-  peak, warmup = float(oc.learning_rate), int(oc.warmup_steps)
-  if oc.schedule == "constant":
-    main = optax.constant_schedule(peak)
-  elif oc.schedule == "cosine":
-    main = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
-  else:
-    raise ValueError(f"optimizer.schedule={oc.schedule!r}; valid: cosine, constant")
-  if warmup <= 0:
-    return main
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
-
-
-def make_optimizer(oc, total_steps: int, frozen_heads=()) -> optax.GradientTransformation:
-  """AdamW or SGD with weight decay on every parameter (torch's behaviour), frozen heads last."""
-  lr = learning_rate_schedule(oc, total_steps)
-  if oc.name == "adamw":
-    tx = optax.adamw(lr, weight_decay=float(oc.weight_decay))
-  elif oc.name == "sgd":  # torch SGD adds the decay to the gradient, before momentum
-    tx = optax.chain(optax.add_decayed_weights(float(oc.weight_decay)),
-                     optax.sgd(lr, momentum=float(oc.momentum)))
-  else:
-    raise ValueError(f"optimizer.name={oc.name!r}; valid: adamw, sgd")
-  return optax.chain(tx, freeze_heads(frozen_heads))
+      m.arch, m.num_heads, num_classes, fusion=m.fusion, classifier=m.classifier,
+      hidden=m.hidden, dropout=m.dropout, frozen_heads=m.frozen_heads, heads_impl=heads_impl,
+      frozen_bn=m.frozen_bn, stem=m.stem, dtype=m.dtype, conv_impl=m.conv_impl)
 
 
 def init_state(model, tx, rng: jax.Array, image_size: int) -> TrainState:
@@ -75,14 +53,18 @@ def _head_measures(features, kind):
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, penalty_weight: float,
-               penalty_kind: str, seed: int, learning_rate_fn=None,
+               penalty_kind: str, seed, learning_rate_fn=None,
                skip_nonfinite: bool = False):
   """One update. Dropout noise is `fold_in(key(seed), step)`: a resumed run repeats it exactly.
+
+  `seed` is an int or its key `jax.random.key(seed)`; passed as a key argument of the compiled
+  step, runs that differ only in their seed share one compiled program.
 
   With `skip_nonfinite`, an update whose loss or gradients hold NaN/inf is dropped (the state
   only advances its step) and reported as `skipped` = 1.
   """
-  rng = jax.random.fold_in(jax.random.key(seed), state.step)
+  base = seed if _is_key(seed) else jax.random.key(seed)
+  rng = jax.random.fold_in(base, state.step)
 
   def loss_fn(params):
     (logits, features), updates = model.apply(
@@ -103,8 +85,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, penalty_weight: flo
   params = optax.apply_updates(state.params, updates)
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state)
-  metrics["learning_rate"] = (learning_rate_fn(state.step) if learning_rate_fn is not None
-                              else jnp.zeros((), jnp.float32))
+  # asarray: optax's constant schedule returns a Python float.
+  metrics["learning_rate"] = (jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+                              if learning_rate_fn is not None else jnp.zeros((), jnp.float32))
   metrics["skipped"] = jnp.zeros((), jnp.float32)
   if skip_nonfinite:
     finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
@@ -113,6 +96,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx, penalty_weight: flo
                              state.replace(step=state.step + 1))
     metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
   return new_state, metrics
+
+
+def _is_key(x) -> bool:
+  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def eval_step(state: TrainState, batch: dict, *, model):
@@ -132,9 +119,85 @@ def eval_step(state: TrainState, batch: dict, *, model):
               count=jnp.sum(mask), cosine_sum=jnp.einsum("klb,b->kl", per_example, mask))
 
 
-def bind_train_step(model, tx, config, learning_rate_fn=None):
-  """train_step with everything static bound from a config (penalty, seed)."""
-  return functools.partial(
-      train_step, model=model, tx=tx, penalty_weight=float(config.penalty.weight),
-      penalty_kind=config.penalty.kind, seed=int(config.seed), learning_rate_fn=learning_rate_fn,
-      skip_nonfinite=bool(config.skip_nonfinite))
+@dataclasses.dataclass(frozen=True)
+class SeededStep:
+  """A jitted `(state, batch, seed_key)` step called as `(state, batch)` with the run's key.
+
+  The seed is an argument of the compiled program, not a constant in it, so runs that differ
+  only in their seed compile once (and share the persistent compilation cache).
+  """
+  jitted: Callable
+  seed_key: jax.Array
+
+  def __call__(self, state, batch):
+    return self.jitted(state, batch, self.seed_key)
+
+  def lower(self, state, batch):
+    return self.jitted.lower(state, batch, self.seed_key)
+
+  def compile(self, state, batch) -> "SeededStep":
+    """The step compiled ahead of time for these input shapes, called the same way."""
+    return SeededStep(self.lower(state, batch).compile(), self.seed_key)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """One config's model, optimizer and compiled steps on one mesh, built by `make_trainer`.
+
+  `train_step(state, batch)` returns `(state, metrics)` -- plus `metrics_fn(metrics)` when one
+  was given -- and donates the old state; `eval_step(state, batch)` returns `eval_step`'s sums.
+  Both take and return arrays laid out by `state_shardings` / `batch_sharding`.
+  """
+  model: models.MultiHeadNet
+  tx: optax.GradientTransformation
+  learning_rate_fn: optax.Schedule
+  init_fn: Callable[[jax.Array], TrainState]  # rng -> state, not compiled
+  abstract_state: Any                           # ShapeDtypeStructs of the state
+  state_shardings: Any
+  batch_sharding: NamedSharding
+  train_step: SeededStep
+  eval_step: Callable
+
+  def init_state(self, rng: jax.Array) -> TrainState:
+    """A fresh state, created directly in its shardings."""
+    return jax.jit(self.init_fn, out_shardings=self.state_shardings)(rng)
+
+
+def make_trainer(config, num_classes: int, mesh: jax.sharding.Mesh, *, total_steps: int,
+                 steps_per_epoch: int = 0, heads_impl: str = "vmap",
+                 metrics_fn: Optional[Callable] = None) -> Trainer:
+  """The one place where a config becomes a model, an optimizer and jitted train/eval steps.
+
+  `total_steps` (and `steps_per_epoch`, for schedules in epochs) set the learning-rate
+  schedule. `metrics_fn`, a pure function of one
+  step's metrics dict, is traced into the compiled train step (the loop uses it to build its clu
+  metrics without leaving the step). `heads_impl="loop"` builds K separate head modules instead
+  of the vmapped stack (the benchmark's comparison).
+  """
+  model = build_model(config.model, num_classes, heads_impl)
+  tx, lr_fn = make_optimizer(config.optimizer, total_steps, config.model.frozen_heads,
+                             steps_per_epoch)
+  init_fn = functools.partial(init_state, model, tx, image_size=config.dataset.image_size)
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  state_sh = sharding.state_shardings(mesh, abstract, config.model.num_heads)
+  batch_sh = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+
+  def train_and_summarise(state, batch, seed_key):
+    state, metrics = train_step(
+        state, batch, model=model, tx=tx, penalty_weight=config.penalty.weight,
+        penalty_kind=config.penalty.kind, seed=seed_key, learning_rate_fn=lr_fn,
+        skip_nonfinite=config.skip_nonfinite)
+    return (state, metrics) if metrics_fn is None else (state, metrics, metrics_fn(metrics))
+
+  outputs = (state_sh, replicated) + ((replicated,) if metrics_fn is not None else ())
+  compiled = jax.jit(train_and_summarise, in_shardings=(state_sh, batch_sh, replicated),
+                     out_shardings=outputs, donate_argnums=0)
+  return Trainer(
+      model=model, tx=tx, learning_rate_fn=lr_fn, init_fn=init_fn, abstract_state=abstract,
+      state_shardings=state_sh, batch_sharding=batch_sh,
+      # Made by a compiled function: device_put cannot place a value on other processes' devices.
+      train_step=SeededStep(compiled, jax.jit(lambda: jax.random.key(config.seed),
+                                              out_shardings=replicated)()),
+      eval_step=jax.jit(functools.partial(eval_step, model=model),
+                        in_shardings=(state_sh, batch_sh), out_shardings=replicated))

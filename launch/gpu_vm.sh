@@ -9,7 +9,10 @@
 #   2. setup: python3 -m venv .venv, pip install -e ".[cuda12]" (see --extras)
 #   3. data:  python -m featdiv_jax.sweep prepare (TFDS data of the grid's data sets, --data-dir)
 #   4. run:   nohup python -m featdiv_jax.sweep run SWEEP ARGS > sweep.log (in --remote-dir);
-#             re-running this step resumes: finished runs are skipped, interrupted ones resume
+#             re-running this step resumes: finished runs are skipped, interrupted ones resume.
+#             It exports FEATDIV_EXPECT_DEVICES (the GPUs nvidia-smi lists: a run that sees
+#             fewer, e.g. a jax without CUDA falling back to the CPU, refuses to train) and a
+#             JAX compilation cache shared by all runs, seeds and restarts
 #
 # SWEEP ARGS are those of `python -m featdiv_jax.sweep run` (--sweep-dir, --datasets, --variants,
 # --archs, --seeds, --extra, --main-flag, --keep-going); a relative --sweep-dir is under
@@ -22,6 +25,10 @@
 #   --data-dir DIR      TFDS data dir on the VM (default: TFDS's ~/tensorflow_datasets)
 #   --ssh-option OPT    extra ssh option, e.g. --ssh-option=-p2222 (repeatable)
 #   --steps LIST        comma-separated subset of copy,setup,data,run (default: all)
+#   --compile-cache DIR JAX persistent compilation cache (default: SWEEP_DIR/.jax_cache;
+#                       relative: under --remote-dir; none: no cache)
+#   --expect-devices N  devices each run must see (default: the GPUs nvidia-smi -L lists on the
+#                       VM; 0: no check)
 #   --foreground        keep the ssh session attached until the sweep ends
 #   --dry-run           print the commands, run nothing
 #   -h, --help          this help
@@ -38,15 +45,16 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/launch/_common.sh"
 
 host="" remote_dir="featdiv_jax" extras="cuda12" data_dir="" steps="copy,setup,data,run"
-foreground=0 dry_run=0 ssh_opts=()
+foreground=0 dry_run=0 ssh_opts=() compile_cache="" expect=""
 while [ "$#" -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
-    --host|--remote-dir|--extras|--data-dir|--steps|--ssh-option)
+    --host|--remote-dir|--extras|--data-dir|--steps|--ssh-option|--compile-cache|--expect-devices)
       [ "$#" -ge 2 ] || die "$1 needs a value"
       case "$1" in
         --host) host=$2 ;; --remote-dir) remote_dir=$2 ;; --extras) extras=$2 ;;
         --data-dir) data_dir=$2 ;; --steps) steps=$2 ;; --ssh-option) ssh_opts+=("$2") ;;
+        --compile-cache) compile_cache=$2 ;; --expect-devices) expect=$2 ;;
       esac
       shift 2 ;;
     --ssh-option=*) ssh_opts+=("${1#--ssh-option=}"); shift ;;
@@ -61,6 +69,7 @@ done
 for s in ${steps//,/ }; do
   case "$s" in copy|setup|data|run) ;; *) die "unknown step '$s' in --steps; valid: copy, setup, data, run" ;; esac
 done
+if [ -n "$expect" ]; then at_least --expect-devices "$expect" 0; fi
 if [ "$dry_run" = 0 ]; then
   for tool in ssh rsync; do
     command -v "$tool" > /dev/null || die "$tool not found: install it (e.g. apt-get install openssh-client rsync) or use --dry-run"
@@ -94,11 +103,25 @@ if wants data; then
   step "${ssh_cmd[@]}" "$host" "cd $rdir && $(show .venv/bin/python -m featdiv_jax.sweep prepare --data-dir "$data_dir" "${sweep_args[@]}")"
 fi
 if wants run; then
+  # One process trains on all the VM's GPUs: it must see as many as nvidia-smi lists.
+  if [ -z "$expect" ]; then
+    env="n=\$(nvidia-smi -L 2> /dev/null | grep -c '^GPU'); [ \"\$n\" -gt 0 ] || n="
+    env+="; export FEATDIV_EXPECT_DEVICES=\$n"
+  elif [ "$expect" -gt 0 ]; then
+    env="export FEATDIV_EXPECT_DEVICES=$expect"
+  else
+    env="unset FEATDIV_EXPECT_DEVICES"
+  fi
+  cache=$(compile_cache_of "$compile_cache" "${sweep_args[@]}")
+  if [ -n "$cache" ]; then
+    if [[ $cache == /* ]]; then env+="; export JAX_COMPILATION_CACHE_DIR=$(quote "$cache")"
+    else env+="; export JAX_COMPILATION_CACHE_DIR=\"\$PWD\"/$(quote "$cache")"; fi
+  fi
   sweep="$(show .venv/bin/python -m featdiv_jax.sweep run "${sweep_args[@]}")"
   if [ "$foreground" = 1 ]; then
-    step "${ssh_cmd[@]}" "$host" "cd $rdir && $sweep"
+    step "${ssh_cmd[@]}" "$host" "cd $rdir || exit 1; $env; $sweep"
   else
-    step "${ssh_cmd[@]}" "$host" "cd $rdir && nohup $sweep > sweep.log 2>&1 < /dev/null & echo \"sweep started (pid \$!): ssh $(quote "$host") tail -f $rdir/sweep.log\""
+    step "${ssh_cmd[@]}" "$host" "cd $rdir || exit 1; $env; nohup $sweep > sweep.log 2>&1 < /dev/null & echo \"sweep started (pid \$!): ssh $(quote "$host") tail -f $rdir/sweep.log\""
   fi
   if [ "$dry_run" = 1 ] && [ -n "$runs" ]; then
     echo "# the sweep then runs, skipping finished runs (from ~/$remote_dir):"

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# Run a featdiv_jax sweep on a Cloud TPU VM, on ALL of its workers at once (a pod slice runs one
-# process per worker; featdiv_jax.main joins them with jax.distributed on its own).
+# Run a featdiv_jax sweep on a Cloud TPU VM, on ALL of its workers at once: a pod slice runs one
+# process per worker, joined by jax.distributed. Cloud TPU VMs set no TPU_WORKER_* variables, so
+# each worker's run command first reads its metadata server (agent-worker-number,
+# worker-network-endpoints, accelerator-type) and exports FEATDIV_PROCESS_ID,
+# FEATDIV_NUM_PROCESSES (> 1 makes featdiv_jax.main's --config.distributed=auto start
+# jax.distributed, which finds the other workers itself) and FEATDIV_EXPECT_DEVICES (each run
+# refuses to train on fewer devices), plus a shared JAX compilation cache.
 #
 # Usage: launch/tpu_vm.sh --name TPU --zone ZONE [options] -- SWEEP ARGS
 #
@@ -11,7 +16,8 @@
 #   3. data:  python -m featdiv_jax.sweep prepare (TFDS download_and_prepare of the grid's data
 #             sets into --data-dir; on worker 0 only when it is a gs:// bucket, else on all)
 #   4. run:   python -m featdiv_jax.sweep run SWEEP ARGS on all workers, in the background
-#             (nohup, log in --remote-dir/sweep.log) unless --foreground
+#             (nohup, log in --remote-dir/sweep.log) unless --foreground, with the environment
+#             above; only worker 0 (FEATDIV_PROCESS_ID=0) writes each run's results.json
 #
 # SWEEP ARGS are those of `python -m featdiv_jax.sweep run` (--sweep-dir, --datasets, --variants,
 # --archs, --seeds, --extra, --main-flag, --keep-going). On a multi-worker slice --sweep-dir must
@@ -27,6 +33,11 @@
 #   --repo URL          git clone URL on the workers instead of copying this checkout
 #   --ref REF           branch / tag / commit to check out with --repo (default: the default branch)
 #   --steps LIST        comma-separated subset of copy,setup,data,run (default: all)
+#   --compile-cache DIR JAX persistent compilation cache (default: SWEEP_DIR/.jax_cache, shared
+#                       storage on a slice like the sweep dir; relative: under --remote-dir;
+#                       none: no cache)
+#   --expect-devices N  devices each run must see (default: from the accelerator type, e.g.
+#                       v4-32: 16, v5litepod-16: 16, v6e-8: 8; unknown types: no check; 0: no check)
 #   --foreground        keep the ssh session attached until the sweep ends
 #   --dry-run           print the commands, run nothing
 #   -h, --help          this help
@@ -44,15 +55,16 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/launch/_common.sh"
 
 name="" zone="" project="" data_dir="" remote_dir="featdiv_jax" repo="" ref="" steps="copy,setup,data,run"
-foreground=0 dry_run=0
+foreground=0 dry_run=0 compile_cache="" expect=""
 while [ "$#" -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
-    --name|--zone|--project|--data-dir|--remote-dir|--repo|--ref|--steps)
+    --name|--zone|--project|--data-dir|--remote-dir|--repo|--ref|--steps|--compile-cache|--expect-devices)
       [ "$#" -ge 2 ] || die "$1 needs a value"
       case "$1" in
         --name) name=$2 ;; --zone) zone=$2 ;; --project) project=$2 ;; --data-dir) data_dir=$2 ;;
         --remote-dir) remote_dir=$2 ;; --repo) repo=$2 ;; --ref) ref=$2 ;; --steps) steps=$2 ;;
+        --compile-cache) compile_cache=$2 ;; --expect-devices) expect=$2 ;;
       esac
       shift 2 ;;
     --foreground) foreground=1; shift ;;
@@ -67,6 +79,7 @@ done
 for s in ${steps//,/ }; do
   case "$s" in copy|setup|data|run) ;; *) die "unknown step '$s' in --steps; valid: copy, setup, data, run" ;; esac
 done
+if [ -n "$expect" ]; then at_least --expect-devices "$expect" 0; fi
 if [ "$dry_run" = 0 ] && ! command -v gcloud > /dev/null; then
   die "gcloud not found: install the Google Cloud CLI (https://cloud.google.com/sdk) or use --dry-run"
 fi
@@ -112,11 +125,31 @@ if wants data; then
   step "${tpu[@]}" ssh "$name" --worker="$data_workers" "${where[@]}" --command "cd $(quote "$remote_dir") && $prep"
 fi
 if wants run; then
+  # Each worker's environment, from its own metadata server (one command for all workers).
+  md_url=http://metadata.google.internal/computeMetadata/v1/instance/attributes
+  env="md() { curl -sf -H Metadata-Flavor:Google $md_url/\$1; }"
+  env+="; FEATDIV_PROCESS_ID=\$(md agent-worker-number)"
+  env+="; FEATDIV_NUM_PROCESSES=\$(md worker-network-endpoints | awk -F, '{print NF}')"
+  if [ -z "$expect" ]; then
+    # jax devices per accelerator-type count: v2/v3 (TensorCores), v5e/v6e (chips): the count;
+    # v4/v5p count TensorCores, two per chip, and jax sees one device per chip.
+    env+="; t=\$(md accelerator-type); n=\${t##*-}; case \$n in ''|*[!0-9]*) t=unknown ;; esac"
+    env+="; case \$t in v4-*|v5p-*) n=\$((n / 2)) ;; v2-*|v3-*|v5litepod-*|v5e-*|v6e-*) ;; *) n= ;; esac"
+    env+="; export FEATDIV_EXPECT_DEVICES=\$n"
+  elif [ "$expect" -gt 0 ]; then
+    env+="; export FEATDIV_EXPECT_DEVICES=$expect"
+  fi
+  env+="; export FEATDIV_PROCESS_ID FEATDIV_NUM_PROCESSES"
+  cache=$(compile_cache_of "$compile_cache" "${sweep_args[@]}")
+  if [ -n "$cache" ]; then
+    if [[ $cache == /* ]]; then env+="; export JAX_COMPILATION_CACHE_DIR=$(quote "$cache")"
+    else env+="; export JAX_COMPILATION_CACHE_DIR=\"\$PWD\"/$(quote "$cache")"; fi
+  fi
   sweep="$(show .venv/bin/python -m featdiv_jax.sweep run "${sweep_args[@]}")"
   if [ "$foreground" = 1 ]; then
-    remote="cd $(quote "$remote_dir") && $sweep"
+    remote="cd $(quote "$remote_dir") || exit 1; $env; $sweep"
   else
-    remote="cd $(quote "$remote_dir") && nohup $sweep > sweep.log 2>&1 < /dev/null & echo \"sweep started on \$(hostname): tail -f $remote_dir/sweep.log\""
+    remote="cd $(quote "$remote_dir") || exit 1; $env; nohup $sweep > sweep.log 2>&1 < /dev/null & echo \"sweep started on \$(hostname) (worker \$FEATDIV_PROCESS_ID of \$FEATDIV_NUM_PROCESSES): tail -f $remote_dir/sweep.log\""
   fi
   step "${tpu[@]}" ssh "$name" --worker=all "${where[@]}" --command "$remote"
   if [ "$dry_run" = 1 ] && [ -n "$runs" ]; then

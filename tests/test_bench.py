@@ -35,11 +35,19 @@ def test_loop_heads_match_vmapped_heads_given_the_same_weights():
   np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_bad_bench_arguments_exit_with_a_message():
-  with pytest.raises(SystemExit):
-    bench.parse_args(["--heads", "0"])
-  with pytest.raises(SystemExit):
-    bench.parse_args(["--arch", "resnet9"])
+def refusal(capsys, argv) -> str:
+  """argparse's exit status 2 and the one message it printed for `argv`."""
+  with pytest.raises(SystemExit) as e:
+    bench.parse_args(argv)
+  assert e.value.code == 2
+  return capsys.readouterr().err
+
+
+def test_bad_bench_arguments_exit_with_a_message(capsys):
+  assert "--heads, --batch and --steps must be >= 1" in refusal(capsys, ["--heads", "0"])
+  err = refusal(capsys, ["--arch", "resnet9"])
+  assert "--arch" in err and "'resnet9'" in err and "seresnet18" in err
+  assert "--rounds must be >= 1, got 0" in refusal(capsys, ["--rounds", "0"])
 
 
 def test_bench_compares_variants_interleaved_and_reports_ratios(tmp_path, capsys):
@@ -59,11 +67,10 @@ def test_bench_compares_variants_interleaved_and_reports_ratios(tmp_path, capsys
   assert "this / base time" in capsys.readouterr().out
 
 
-def test_bench_refuses_a_variant_that_names_no_flag():
-  with pytest.raises(SystemExit):
-    bench.parse_args(["--vs", "headz=3"])
-  with pytest.raises(SystemExit):
-    bench.parse_args(["--vs", "heads_impl"])
+def test_bench_refuses_a_variant_that_names_no_flag(capsys):
+  err = refusal(capsys, ["--vs", "headz=3"])
+  assert "--vs 'headz=3': expected dest=value with dest one of" in err and "heads_impl" in err
+  assert "--vs 'heads_impl': expected dest=value" in refusal(capsys, ["--vs", "heads_impl"])
   assert bench.variant_args(bench.parse_args([]), "heads=4").heads == 4
 
 

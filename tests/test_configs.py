@@ -1,11 +1,12 @@
 """Config files, the `file.py:arg` parser and the three variants."""
 
 import importlib.util
+import math
 import pathlib
 
 import pytest
 
-from featdiv_jax import configlib
+from featdiv_jax import configlib, optim
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.py"))
 
@@ -83,6 +84,54 @@ def test_bad_args_name_the_value_and_the_valid_ones(arg, match):
     configlib.apply_arg(configlib.default_config(), arg)
 
 
+def config_of(stem, arg):
+  return load(CONFIGS[[p.stem for p in CONFIGS].index(stem)]).get_config(arg)
+
+
+@pytest.mark.parametrize("stem,hidden,batch,epochs,horizon,stage1", [
+    ("cifar10", 256, 128, 30, 200, 30), ("caltech101", 512, 32, 45, 30, 20),
+    ("flowers102", 512, 32, 30, 200, 30)])
+def test_paper_word_sets_the_notebooks_two_stage_recipe(stem, hidden, batch, epochs, horizon,
+                                                        stage1, tmp_path):
+  """`configs/X.py:compare,paper` is the published experiment (docs/reference.md)."""
+  c = config_of(stem, "compare,paper")
+  assert (c.variant, c.protocol, c.keep_best) == ("compare", "pretrained_head", True)
+  assert (c.model.fusion, c.model.hidden, c.model.dropout) == ("sum", hidden, 0.0)
+  assert (c.batch_size, c.num_epochs, c.optimizer.decay_epochs) == (batch, epochs, horizon)
+  assert c.optimizer.per_epoch and c.dataset.train_crop == "center"
+  runs = dict(configlib.validated_runs(c, 1, 1, str(tmp_path)))
+  assert list(runs) == ["single", "multi", "multi_cos"]
+  first = runs["single"]  # stage 1: from scratch, for its own epochs, decaying over them
+  assert (first.model.num_heads, first.model.init_from, first.model.frozen_heads) == (1, "", ())
+  assert (first.num_epochs, first.optimizer.decay_epochs) == (stage1, stage1)
+  for variant in ("multi", "multi_cos"):  # stage 2: head 0 is stage 1's, frozen in train mode
+    second = runs[variant]
+    assert second.model.init_from == str(tmp_path / "single")
+    assert (second.model.frozen_heads, second.model.frozen_bn) == ((0,), "batch")
+    assert (second.num_epochs, second.optimizer.decay_epochs) == (epochs, horizon)
+  assert runs["multi"].penalty.weight == 0.0 and runs["multi_cos"].penalty.weight == 1.0
+  if stem == "caltech101":
+    assert c.dataset.grayscale and c.dataset.exclude_classes == ("background_google",)
+    assert c.dataset.holdout_fraction == 0.1
+  if stem == "cifar10":
+    assert (c.model.stem, c.dataset.pad, c.dataset.std) == (
+        "imagenet", 0, (0.2023, 0.1994, 0.2010))
+
+
+def test_words_apply_before_the_key_values_wherever_they_stand():
+  for arg in ("compare,paper,batch=64,smoke", "compare,batch=64,smoke,paper"):
+    c = config_of("flowers102", arg)
+    assert (c.batch_size, c.model.arch, c.model.hidden) == (64, "seresnet_tiny", 32), arg
+    assert c.protocol == "pretrained_head" and c.dataset.image_size == 32, arg
+  c = configlib.apply_arg(configlib.default_config(), "single,steps=3,smoke,protocol=pretrained_head")
+  assert (c.total_steps, c.protocol) == (3, "pretrained_head")
+
+
+def test_a_config_without_a_paper_recipe_refuses_the_word():
+  with pytest.raises(configlib.ConfigError, match=r"unknown config argument 'paper'.*smoke"):
+    config_of("digits", "compare,paper")
+
+
 def test_with_variant_copies_and_keeps_user_heads():
   c = configlib.apply_arg(configlib.default_config(), "compare,heads=3,weight=0.3")
   multi = configlib.with_variant(c, "multi")
@@ -91,3 +140,23 @@ def test_with_variant_copies_and_keeps_user_heads():
   assert (multi.model.num_heads, multi.penalty.weight) == (3, 0.0)
   assert (cos.model.num_heads, cos.penalty.weight) == (3, 0.3)
   assert single.model.num_heads == 1 and c.model.num_heads == 3  # the original is untouched
+
+
+def test_the_notebooks_cosine_horizon_and_per_epoch_steps():
+  """torch's CosineAnnealingLR(T_max) stepped per epoch, as the paper's notebooks use it."""
+  c = configlib.default_config().optimizer
+  c.learning_rate, c.decay_epochs, c.per_epoch = 4e-4, 30.0, True
+  lr = optim.learning_rate_schedule(c, total_steps=45 * 10, steps_per_epoch=10)
+  torch_lr = lambda epoch: 4e-4 * 0.5 * (1 + math.cos(math.pi * epoch / 30))
+  for step in (0, 9, 10, 155, 299, 300, 449):
+    assert float(lr(step)) == pytest.approx(torch_lr(step // 10), rel=1e-5), step
+  assert float(lr(449)) > float(lr(300))  # past T_max the cosine rises again, as in torch
+  c.per_epoch = False
+  lr = optim.learning_rate_schedule(c, total_steps=450, steps_per_epoch=10)
+  assert float(lr(155)) == pytest.approx(4e-4 * 0.5 * (1 + math.cos(math.pi * 15.5 / 30)))
+  c.decay_epochs = 0.0  # the default: decay to 0 over the run
+  lr = optim.learning_rate_schedule(c, total_steps=450, steps_per_epoch=10)
+  assert float(lr(450)) == pytest.approx(0.0, abs=1e-12)
+  with pytest.raises(ValueError, match="need the epoch length"):
+    c.per_epoch = True
+    optim.learning_rate_schedule(c, total_steps=450)

@@ -15,7 +15,10 @@ import tensorflow_datasets as tfds
 
 from featdiv_jax import data
 from featdiv_jax.data import digits as digits_lib
-from featdiv_jax.data.preprocess import Preprocess, at_least, resize_shorter_side
+from featdiv_jax.data import pipeline
+from featdiv_jax.data import sources
+from featdiv_jax.data.preprocess import Preprocess, at_least, decode, resize_shorter_side
+from featdiv_jax.data.preprocess import to_grayscale
 
 
 def make_config(**overrides):
@@ -440,3 +443,247 @@ def test_preparing_a_data_dir_another_process_just_prepared_is_not_an_error():
   sources.prepare_once(Builder(done=True))  # the other process won the rename: fine
   with pytest.raises(FileExistsError):
     sources.prepare_once(Builder(done=False))  # a real failure still surfaces
+
+
+def test_the_eval_split_is_decoded_once(small_folder):
+  num_batches, make_iter = data.eval_batches(folder_config(small_folder), global_batch_size=2,
+                                             process_index=0, process_count=1)
+  first = list(make_iter())
+  for image in (small_folder / "test").rglob("*.png"):
+    image.unlink()  # a second evaluation that read the files would fail now
+  second = list(make_iter())
+  assert len(first) == len(second) == num_batches
+  for a, b in zip(first, second):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_an_eval_split_too_large_for_memory_is_read_each_time(small_folder, monkeypatch):
+  monkeypatch.setattr(pipeline, "EVAL_CACHE_MAX_BYTES", 8 * 8 * 3 * 4 - 1)  # under one image
+  _, make_iter = data.eval_batches(folder_config(small_folder), global_batch_size=2,
+                                   process_index=0, process_count=1)
+  list(make_iter())
+  for image in (small_folder / "test").rglob("*.png"):
+    image.unlink()
+  with pytest.raises(tf.errors.NotFoundError):
+    list(make_iter())
+
+
+# --- the notebooks' recipe fields (issue 14): train_crop, grayscale, exclude_classes, holdout ---
+
+
+
+# Pixels and their PIL `convert('L')` values (Pillow 13); TF's rgb_to_grayscale gives 149, 59, 22
+# for the 2nd, 6th and 7th.
+GRAY_PIXELS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (1, 1, 1), (200, 0, 0),
+               (0, 0, 200), (10, 20, 30), (100, 150, 200), (37, 201, 99)]
+GRAY_VALUES = [76, 150, 29, 255, 1, 60, 23, 18, 141, 140]
+
+
+def test_center_train_crop_is_the_central_crop_of_the_resized_image():
+  image = np.random.default_rng(3).integers(0, 256, (13, 17, 3), np.uint8)
+  resized = resize_shorter_side(tf.constant(image, tf.float32), 10)  # (10, 13)
+  want = tf.image.resize_with_crop_or_pad(resized, 8, 8).numpy() / 255
+  prep = Preprocess(image_size=8, resize_size=10, train_crop="center")
+  outs = [prep.train(png(image), tf.constant([1, s], tf.int64)).numpy() for s in range(6)]
+  for out in outs:  # deterministic: no seed moves it
+    np.testing.assert_allclose(out, want, atol=1e-6)
+  np.testing.assert_array_equal(outs[0], prep.eval(png(image)).numpy())
+  flipping = Preprocess(image_size=8, resize_size=10, train_crop="center", flip=True)
+  flips = 0
+  for s in range(12):
+    out = flipping.train(png(image), tf.constant([1, s], tf.int64)).numpy()
+    flipped = not np.array_equal(out, outs[0])
+    if flipped:
+      np.testing.assert_array_equal(out, outs[0][:, ::-1])
+    flips += flipped
+  assert 0 < flips < 12  # flips still apply
+
+
+def test_grayscale_is_pils_convert_L_repeated_to_three_channels():
+  pixels = np.array([GRAY_PIXELS], np.uint8)
+  gray = to_grayscale(tf.constant(pixels)).numpy()
+  np.testing.assert_array_equal(gray[0], np.repeat(np.array(GRAY_VALUES)[:, None], 3, axis=1))
+  # The documented formula, L = R*299/1000 + G*587/1000 + B*114/1000, rounded.
+  r, g, b = pixels[0].astype(np.float64).T
+  np.testing.assert_array_equal(np.floor(r * .299 + g * .587 + b * .114 + .5), GRAY_VALUES)
+  image = np.random.default_rng(4).integers(0, 256, (16, 16, 3), np.uint8)
+  pil = pytest.importorskip("PIL.Image")
+  want = np.asarray(pil.fromarray(image).convert("L"), np.float32)
+  np.testing.assert_array_equal(decode(png(image), grayscale=True).numpy(),
+                                np.repeat(want[..., None], 3, axis=-1))
+  # Before resizing, cropping and normalising, in train and eval alike.
+  prep = Preprocess(image_size=16, grayscale=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+  for out in (prep.eval(png(image)).numpy(),
+              prep.train(png(image), tf.constant([0, 0], tf.int64)).numpy()):
+    np.testing.assert_allclose(out[..., 0], (want / 255 - 0.5) / 0.5, atol=1e-6)
+    np.testing.assert_array_equal(out[..., 0], out[..., 1])
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])
+
+
+def folder_raw(root, **overrides):
+  return make_config(**{**dict(name="imagefolder", data_dir=root, eval_split="val", image_size=8,
+                               resize_size=0, pad=0, flip=False, mean=(0, 0, 0), std=(1, 1, 1)),
+                        **overrides})
+
+
+def test_grayscale_in_the_pipeline(folder):
+  cfg = folder_raw(folder, grayscale=True)
+  (batch,) = list(data.eval_batches(cfg, global_batch_size=4, process_index=0,
+                                    process_count=1)[1]())
+  train = next(data.train_batches(cfg, global_batch_size=8, seed=0, process_index=0,
+                                  process_count=1))
+  for images in (batch["image"], train["image"]):
+    np.testing.assert_array_equal(images[..., 0], images[..., 2])
+  # red (200, 0, 0) -> 60, blue (0, 0, 200) -> 23, gray 77 stays 77
+  assert {int(round(v * 255)) for v in batch["image"][:, 0, 0, 0]} == {60, 23}
+  assert {int(round(v * 255)) for v in train["image"][:, 0, 0, 0]} == {60, 23, 77}
+
+
+def digits_examples(split, excluded=()):
+  """Counter of (renumbered label, 8x8x3 uint8 bytes) of sklearn's digits in a split."""
+  digits = load_digits()
+  rgb = np.repeat(digits_lib.to_uint8(digits.images)[..., None], 3, axis=-1)
+  kept = [c for c in range(10) if c not in excluded]
+  indices = np.concatenate([digits_lib.split_indices()[s] for s in split.split("+")])
+  return collections.Counter((kept.index(digits.target[i]), rgb[i].tobytes())
+                             for i in indices if digits.target[i] in kept)
+
+
+def eval_ids(cfg, count=1):
+  out = collections.Counter()
+  for p in range(count):
+    out += ids(data.eval_batches(cfg, global_batch_size=60 * count, process_index=p,
+                                 process_count=count)[1]())
+  return out
+
+
+def test_exclude_classes_drops_them_and_renumbers(raw_dc):
+  cfg = make_config(**{**raw_dc, "exclude_classes": ("3", 5)})  # names or indices
+  want_train, want_eval = digits_examples("train", (3, 5)), digits_examples("test", (3, 5))
+  info = data.dataset_info(cfg)
+  assert info == data.DatasetInfo(8, sum(want_train.values()), sum(want_eval.values()))
+  assert eval_ids(cfg) == want_eval
+  assert info.train_size % 228 == 0  # 1,140: one epoch in 5 batches
+  train = take(data.train_batches(cfg, global_batch_size=228, seed=0, process_index=0,
+                                  process_count=1), info.train_size // 228)
+  assert ids(train) == want_train
+
+
+def test_exclude_classes_of_an_image_folder(folder):
+  cfg = folder_raw(folder, exclude_classes=("a_red",))
+  assert data.dataset_info(cfg) == data.DatasetInfo(num_classes=1, train_size=4, eval_size=2)
+  train = next(data.train_batches(cfg, global_batch_size=4, seed=0, process_index=0,
+                                  process_count=1))
+  assert (train["label"] == 0).all() and (train["image"][:, 0, 0, 2] > 0.5).all()  # blue
+
+
+def test_holdout_splits_the_union_of_both_splits(raw_dc):
+  cfg = make_config(**{**raw_dc, "holdout_fraction": 0.1, "holdout_seed": 1})
+  everything = digits_examples("train+test")
+  info = data.dataset_info(cfg)
+  assert info == data.DatasetInfo(10, 1617, 180)  # round(0.1 x 1,797) = 180 held out
+  held = eval_ids(cfg)
+  assert sum(held.values()) == 180
+  assert eval_ids(cfg, count=2) == held  # two processes: each example once, the same split
+  train = take(data.train_batches(cfg, global_batch_size=231, seed=0, process_index=0,
+                                   process_count=1), 7)  # 7 x 231 = 1,617: one epoch
+  assert ids(train) + held == everything  # disjoint, and together the whole set
+  halves = [ids(take(data.train_batches(cfg, global_batch_size=202, seed=0, process_index=p,
+                                        process_count=2), 8)) for p in (0, 1)]
+  assert sum(halves[0].values()) == sum(halves[1].values()) == 808  # 1,617 // 2 each
+  assert halves[0] + halves[1] <= ids(train)  # no example twice
+  other = eval_ids(make_config(**{**raw_dc, "holdout_fraction": 0.1, "holdout_seed": 2}))
+  assert sum(other.values()) == 180 and other != held
+
+
+def test_holdout_is_seeded_sized_and_disjoint():
+  train, held = sources.holdout(8677, 0.1, 0)  # Caltech-101 without its background class
+  assert len(held) == 868 and len(train) == 7809
+  np.testing.assert_array_equal(np.sort(np.concatenate([train, held])), np.arange(8677))
+  again, _ = sources.holdout(8677, 0.1, 0)
+  np.testing.assert_array_equal(train, again)
+  assert not np.array_equal(held, sources.holdout(8677, 0.1, 1)[1])
+  assert len(sources.holdout(10, 0.25, -5)[1]) == 3  # round half up: 2.5 -> 3
+
+
+def test_holdout_of_one_split_named_twice_counts_it_once(folder):
+  cfg = folder_raw(folder, eval_split="train", holdout_fraction=0.25)
+  assert data.dataset_info(cfg) == data.DatasetInfo(num_classes=2, train_size=6, eval_size=2)
+  (held,) = list(data.eval_batches(cfg, global_batch_size=2, process_index=0,
+                                   process_count=1)[1]())
+  train = next(data.train_batches(cfg, global_batch_size=6, seed=0, process_index=0,
+                                  process_count=1))
+  assert ids([held]) + ids([train]) == ids(data.eval_batches(
+      folder_raw(folder, eval_split="train"), global_batch_size=8, process_index=0,
+      process_count=1)[1]())
+
+
+def test_caltech_recipe_under_mocked_tfds():
+  # The mock's labels (train and test alike) hold no background image: class 44 goes too.
+  cfg = make_config(name="caltech101", resize_size=40, shuffle_buffer=16, grayscale=True,
+                    train_crop="center", exclude_classes=("background_google", 44),
+                    holdout_fraction=0.1)
+  with tfds.testing.mock_data(num_examples=8):
+    source = sources.open_source(cfg)
+    assert source.class_names[4] == "background_google"
+    kept = sum(int(np.isin(source.labels(s), (4, 44), invert=True).sum())
+               for s in ("train", "test"))
+    assert kept == 14
+    info = data.dataset_info(cfg)
+    assert info == data.DatasetInfo(num_classes=100, train_size=13, eval_size=1)  # round(1.4)
+    batch = next(data.train_batches(cfg, global_batch_size=4, seed=0, process_index=0,
+                                    process_count=1))
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["label"].max() < 100
+    np.testing.assert_array_equal(batch["image"][..., 0], batch["image"][..., 1])
+    seen = 0
+    for p in range(3):  # 1 held-out example over 3 processes: shares of 1, 0 and 0
+      n, make = data.eval_batches(cfg, global_batch_size=3, process_index=p, process_count=3)
+      seen += sum(int(b["mask"].sum()) for b in make())
+    assert seen == 1
+
+
+@pytest.mark.parametrize("overrides,count", [
+    (dict(train_crop="center"), 1),
+    (dict(grayscale=True), 1),  # digits are gray already: only resume is checked
+    (dict(exclude_classes=(0, "7")), 1),
+    (dict(holdout_fraction=0.2, holdout_seed=3), 2),
+])
+def test_resume_is_exact_with_the_recipe_fields(dc, overrides, count):
+  # Trains on the 360 test images (holdout: 288 of them), so that epochs are short.
+  base = make_config(**{**dc, "train_split": "test"})
+  stream = lambda cfg, k: data.train_batches(cfg, global_batch_size=64, seed=5, start_step=k,
+                                             process_index=count - 1, process_count=count)
+  cfg = make_config(**{**base, **overrides})
+  full = take(stream(cfg, 0), 8)  # 4.5 to 5.6 steps per epoch: steps 6 and 7 are in the second
+  for k in (1, 6, 7):
+    resumed = next(stream(cfg, k))
+    np.testing.assert_array_equal(resumed["image"], full[k]["image"])
+    np.testing.assert_array_equal(resumed["label"], full[k]["label"])
+  if "grayscale" not in overrides:  # the field is in effect
+    assert not np.array_equal(full[0]["image"], next(stream(base, 0))["image"])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("train_crop", "middle", r"dataset\.train_crop.*random, center.*'middle'"),
+    ("grayscale", "yes", r"dataset\.grayscale must be True or False, got 'yes'"),
+    ("exclude_classes", ("nine",), r"dataset\.exclude_classes: 'nine' is not a class.*'0', '1'"),
+    ("exclude_classes", (10,), r"dataset\.exclude_classes: 10 is not.*indices 0\.\.9"),
+    ("exclude_classes", (True,), r"dataset\.exclude_classes: True is not"),
+    ("exclude_classes", "3", r"dataset\.exclude_classes must be a tuple"),
+    ("exclude_classes", tuple(range(10)), r"dataset\.exclude_classes=.*drops all 10 classes"),
+    ("holdout_fraction", 1.0, r"dataset\.holdout_fraction must be a number in \[0, 1\)"),
+    ("holdout_fraction", 0.0001, r"dataset\.holdout_fraction=0\.0001 holds out .* = 0 of"),
+    ("holdout_seed", 0.5, r"dataset\.holdout_seed must be a 64-bit integer"),
+])
+def test_bad_recipe_values_name_the_field(dc, field, value, match):
+  with pytest.raises(data.DatasetError, match=match):
+    data.eval_batches(make_config(**{**dc, field: value}), global_batch_size=8,
+                      process_index=0, process_count=1)
+
+
+def test_a_misspelt_class_name_gets_a_suggestion():
+  with tfds.testing.mock_data(num_examples=2):
+    with pytest.raises(data.DatasetError, match=r"'BACKGROUND_Google' is not a class of "
+                       r"'caltech101' \(did you mean 'background_google'\?\).*'accordion'"):
+      data.dataset_info(make_config(name="caltech101", exclude_classes=("BACKGROUND_Google",)))

@@ -15,6 +15,7 @@ cross-process collectives, eval padding and aggregation, multi-process orbax sav
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import time
 import numpy as np
 import pytest
 
-from featdiv_jax import data
+from featdiv_jax import data, distributed, guards
 from tests_util import ROOT, load_config
 
 CONFIG = "--config=configs/digits.py:multi_cos,smoke"
@@ -39,7 +40,6 @@ RTOL, ATOL = 1e-5, 1e-6
 REFERENCE = r"""
 import sys
 import numpy as np
-from absl import app
 from featdiv_jax import data, main
 
 one_process = data.train_batches
@@ -53,7 +53,7 @@ def two_slices(dc, *, global_batch_size, seed, start_step=0, process_index=None,
 
 data.train_batches = two_slices
 sys.argv[0] = "featdiv_jax.main"
-app.run(main.main, flags_parser=main._cli_flags_parser)
+main.run_cli()
 """
 
 
@@ -73,7 +73,8 @@ def env_with(devices: int) -> dict:
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
                        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
   for name in ("FEATDIV_FAULT", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS",
-               "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+               "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS",
+               "FEATDIV_NUM_PROCESSES", "FEATDIV_PROCESS_ID", "FEATDIV_EXPECT_DEVICES"):
     env.pop(name, None)
   return env
 
@@ -186,3 +187,139 @@ def test_two_processes_agree_with_one_process(data_dir, tmp_path):
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_state),
                           jax.tree.leaves(want_state)):
     np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=jax.tree_util.keystr(path))
+
+
+
+
+def one_line_error(call, *args, **kwargs) -> str:
+  with pytest.raises(distributed.DeviceCountError) as e:
+    call(*args, **kwargs)
+  message = str(e.value)
+  assert "\n" not in message, message
+  return message
+
+
+def test_check_devices_logs_the_counts_and_refuses_fewer_than_the_launcher_asked_for():
+  check = distributed.check_devices
+  assert check(None, 1, 1, 1, "cpu") == (
+      "devices: 1 device in 1 process (1 local, cpu); no expected count "
+      "(FEATDIV_EXPECT_DEVICES unset)")
+  assert check(8, 8, 1, 8, "gpu") == "devices: 8 devices in 8 processes (1 local, gpu); expected 8"
+  assert check(4, 8, 8, 1).endswith("expected 4 (more than expected)")
+  # launch/slurm.sh's old layout: one task per node, and JAX gave each the GPU of SLURM_LOCALID
+  message = one_line_error(check, 8, 2, 1, 2, "gpu")
+  for part in ("sees 2 devices in 2 processes (1 local, gpu)", "asked for 8",
+               "FEATDIV_EXPECT_DEVICES=8", "SLURM_LOCALID", "one task per GPU"):
+    assert part in message, message
+  # jax without its CUDA build falls back to the CPU; a TPU pod whose jax.distributed never
+  # started; a missing host
+  assert "jax runs on the CPU" in one_line_error(check, 4, 1, 1, 1, "cpu")
+  assert "jax.distributed did not start" in one_line_error(check, 16, 4, 4, 1, "tpu")
+  assert "missing" in one_line_error(check, 16, 12, 4, 3, "tpu")
+  for bad in (0, -1, "8", 2.0, True):
+    assert "invalid" in one_line_error(check, bad, 8, 8, 1)
+
+
+def test_expected_devices_reads_the_launchers_variable_and_refuses_a_bad_value():
+  expected = distributed.expected_devices
+  assert expected({}) is None and expected({"FEATDIV_EXPECT_DEVICES": ""}) is None
+  assert expected({"FEATDIV_EXPECT_DEVICES": "8"}) == 8
+  assert expected({"FEATDIV_EXPECT_DEVICES": " 16\n"}) == 16
+  for bad in ("eight", "0", "-4", "8.0", "8,8"):
+    message = one_line_error(expected, {"FEATDIV_EXPECT_DEVICES": bad})
+    assert f"FEATDIV_EXPECT_DEVICES={bad!r} is invalid" in message and "positive" in message
+
+
+@pytest.mark.parametrize("env, detected", [
+    ({}, False),
+    ({"SLURM_NTASKS": "1"}, False),
+    ({"SLURM_NTASKS": "8"}, True),
+    ({"SLURM_NTASKS": "lots"}, False),
+    ({"FEATDIV_NUM_PROCESSES": "1", "FEATDIV_PROCESS_ID": "0"}, False),  # a one-worker TPU VM
+    ({"FEATDIV_NUM_PROCESSES": "4", "FEATDIV_PROCESS_ID": "0"}, True),   # launch/tpu_vm.sh pod
+    ({"FEATDIV_NUM_PROCESSES": ""}, False),     # no metadata server answered
+    ({"TPU_WORKER_HOSTNAMES": "a"}, False),
+    ({"TPU_WORKER_HOSTNAMES": "a,b"}, True),   # GKE
+    ({"TPU_PROCESS_ADDRESSES": "a:1,b:1"}, True),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+    ({"JAX_COORDINATOR_ADDRESS": ""}, False),
+])
+def test_cluster_detected(env, detected):
+  assert distributed.cluster_detected(env) is detected
+
+
+def test_one_process_without_jax_distributed_watches_sigterm_with_a_python_handler():
+  import signal
+  before = signal.getsignal(signal.SIGTERM)
+  with guards.PreemptionWatch() as watch:
+    assert watch.mode == "local" and signal.getsignal(signal.SIGTERM) == watch._handle
+    watch.start(0)
+    assert not watch.should_stop(1)
+    signal.raise_signal(signal.SIGTERM)
+    assert watch.should_stop(2)
+  assert signal.getsignal(signal.SIGTERM) == before
+
+
+PREEMPT_STEPS = 300  # never reached: the preemption stops the run within a few steps
+SIGTERM_AT = 3
+
+
+def test_sigterm_on_one_process_stops_both_at_the_same_step_and_a_rerun_resumes(data_dir,
+                                                                                  tmp_path):
+  """The preemption notice reaches JAX's own SIGTERM notifier (featdiv_jax installs no Python
+  handler once jax.distributed runs), spreads to the other process through the coordination
+  service, and both stop at the same sync step: each saves its part of that step's checkpoint
+  and exits 0 with main's 'preempted' line. Re-running resumes from that step.
+
+  The notice needs about a second to spread (JAX's notifier polls its flag once a second), so
+  the sync step is some steps after the signal; an eval every 2 steps (9 batches) keeps that to
+  a few steps on a loaded 2-core machine and well under PREEMPT_STEPS on a fast one. The re-run
+  is the same command with the last step 2 after the saved one, not the rest of the 300.
+  """
+  workdir = tmp_path / "run"
+  flags = [CONFIG, f"--config.dataset.data_dir={data_dir}", f"--workdir={workdir}",
+           "--config.eval_every_steps=2",
+           "--config.eval_batch_size=40", "--config.log_every_steps=10",
+           # no checkpoint before the last step: the one saved is the preemption's
+           f"--config.checkpoint_every_steps={PREEMPT_STEPS}"]
+
+  def run_both(name, total_steps, fault=None):
+    address = f"127.0.0.1:{free_port()}"
+    procs = {}
+    for i in (0, 1):
+      env = env_with(1)
+      if fault and i == 1:
+        env["FEATDIV_FAULT"] = fault
+      log = tmp_path / f"{name}{i}.log"
+      procs[f"{name}: process {i} of 2"] = (
+          start(["-m", "featdiv_jax.main", *flags, f"--config.total_steps={total_steps}",
+                 f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+                env, log), log)
+    wait_all(procs, TIMEOUT_S)
+    return [(tmp_path / f"{name}{i}.log").read_text(errors="replace") for i in (0, 1)]
+
+  # SIGTERM to process 1 only, at step 3 (its own os.kill, as a VM's preemption notice would).
+  logs = run_both("preempted", PREEMPT_STEPS, fault=f"step:{SIGTERM_AT}:TERM")
+  stopped = []
+  for i, log in enumerate(logs):
+    found = re.findall(r"featdiv_jax: preempted \(SIGTERM\) at step (\d+) of "
+                       rf"{PREEMPT_STEPS}: checkpoint saved", log)
+    assert len(found) == 1, f"process {i}:\n{log[-4000:]}"
+    stopped.append(int(found[0]))
+  step = stopped[0]
+  assert stopped == [step, step] and SIGTERM_AT < step < PREEMPT_STEPS, stopped
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved == [step], saved
+  assert {p.name for p in (workdir / f"checkpoints/{step}/state").glob("ocdbt.process_*")} == \
+      {"ocdbt.process_0", "ocdbt.process_1"}
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["step"] == step and not results["finished"]
+
+  logs = run_both("resumed", step + 2)
+  for i, log in enumerate(logs):
+    assert f"Resuming {workdir} from step {step}" in log, f"process {i}:\n{log[-4000:]}"
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["finished"] and results["step"] == step + 2
+  # the evals before the preemption come back with the checkpoint; the re-run adds its own
+  evals = [s for s in range(2, step + 3, 2)] + ([step + 2] if step % 2 else [])
+  assert [h["step"] for h in results["history"]] == evals

@@ -75,19 +75,32 @@ def test_kill_9_many_times_then_resume_ends_like_an_uninterrupted_run(reference,
   proc = launch(workdir, data_dir)
   deadline = time.time() + 300
   while 4 not in finished_steps(workdir) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  time.sleep(random.Random(0).uniform(0.0, 0.5))
+    time.sleep(0.01)
+  time.sleep(random.Random(0).uniform(0.0, 0.02))  # within the steps after it: asserted below
   proc.kill()
-  proc.wait(timeout=60)
-  # 3: killed in the middle of the step-8 evaluation
+  out = proc.communicate(timeout=60)[0]
+  # The kill landed mid-run: the process died by it, after the step-4 checkpoint and before the
+  # last one, and this run had resumed from the first run's checkpoint (none: from scratch).
+  assert proc.returncode == -9, out[-3000:]
+  assert 4 in finished_steps(workdir) and max(finished_steps(workdir)) < STEPS, out[-3000:]
+  assert "Resuming" not in out  # step 2 was never complete: this run started from scratch
+  last_good = max(finished_steps(workdir))
+  # 3: killed in the middle of the step-8 evaluation, after resuming from the last checkpoint
   proc = launch(workdir, data_dir, fault="eval:8")
-  assert proc.wait(timeout=300) in (-9, 0), proc.stdout.read()[-3000:]
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == -9, out[-3000:]
+  assert f"from step {last_good}" in out and "Resuming" in out, out[-3000:]
   for _ in range(2):  # results.json is replaced atomically: always whole
     json.loads(pathlib.Path(workdir, "results.json").read_text())
-  # 4: the last run finishes
+  # 4: the last run finishes, resuming from the last finished checkpoint: step 6, or step 4 where
+  # the kill also caught the step-6 save still being written in the background (a slow machine).
+  # Step 8 was never saved: its evaluation, killed, comes before its checkpoint.
+  saved = finished_steps(workdir)
+  assert max(saved) < STEPS and max(saved) in (STEPS - 4, STEPS - 2), saved
   proc = launch(workdir, data_dir)
   out = proc.communicate(timeout=300)[0]
   assert proc.returncode == 0, out[-3000:]
+  assert f"from step {max(saved)}" in out, out[-3000:]
   got = json.loads(pathlib.Path(workdir, "results.json").read_text())
   assert got["finished"]
   assert_same_history(got, want)

@@ -64,6 +64,18 @@ def test_only_where_jax_computes_on_the_cpu(monkeypatch, platforms, expected):
   assert hostmem._computes_on_cpu() is expected
 
 
+@pytest.mark.parametrize("nodes, expected", [
+    ([], True), (["vfio/vfio"], True),  # the VFIO control node alone: no accelerator
+    (["nvidia0", "nvidiactl"], False), (["accel0"], False),
+    (["vfio/vfio", "vfio/0"], False)])  # TPU v5e / v5p / v6e
+def test_accelerator_device_nodes_turn_it_off(monkeypatch, tmp_path, nodes, expected):
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  for node in nodes:
+    (tmp_path / node).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / node).touch()
+  assert hostmem._computes_on_cpu(str(tmp_path)) is expected
+
+
 @pytest.mark.parametrize("module", ["featdiv_jax.main", "featdiv_jax.bench"])
 def test_entry_points_reject_a_bad_setting(module):
   env = dict(os.environ, FEATDIV_MALLOC="jemalloc")

@@ -9,12 +9,12 @@ import numpy as np
 import optax
 import pytest
 
-from featdiv_jax import models
+from featdiv_jax import configlib, models, steps
 from featdiv_jax.models import (create_model, create_multihead, extract_head, place_head,
                                 se_reduced_width)
 from featdiv_jax.optim import freeze_heads
 
-# timm 1.0.x parameter counts (REFERENCE.md): classes -> count.
+# timm 1.0.x parameter counts (docs/reference.md): classes -> count.
 TIMM_PARAMS = {
     "seresnet18": {1000: 11_779_624, 10: 11_271_754, 102: 11_318_950},
     "seresnet34": {1000: 21_960_416, 10: 21_452_546, 102: 21_499_742},
@@ -284,6 +284,41 @@ def test_frozen_heads_keep_params_and_batch_stats_through_a_step():
   assert not np.allclose(f_train[0], f_eval[0], atol=1e-3)
 
 
+def test_frozen_bn_batch_normalises_with_the_batch_and_updates_running_stats_only():
+  """The notebooks' frozen head (model.frozen_bn="batch"): BatchNorm in train mode, running
+  statistics updating, but no gradient and parameters bit-identical through a step."""
+  net, variables = init_multi(2, frozen_heads=(1,))
+  net = net.clone(frozen_bn="batch")
+  variables = jax.tree.map(lambda a: a + 0.1, variables)
+  tx = optax.chain(optax.adamw(1e-2, weight_decay=0.1), freeze_heads((1,)))
+  new, _, grads = train_step(net, tx, variables, tx.init(variables["params"]), X,
+                             jnp.arange(4) % 10)
+  for old, cur in zip(jax.tree.leaves(variables["params"]["heads"]),
+                      jax.tree.leaves(new["params"]["heads"])):
+    np.testing.assert_array_equal(old[1], cur[1])
+  assert all(not np.any(g[1]) for g in jax.tree.leaves(grads["heads"]))
+  # head 1's running statistics moved, as head 0's did
+  for old, cur in zip(jax.tree.leaves(variables["batch_stats"]["heads"]),
+                      jax.tree.leaves(new["batch_stats"]["heads"])):
+    assert not np.array_equal(old[1], cur[1]) and not np.array_equal(old[0], cur[0])
+  # in training the frozen head normalises with the batch: its features are a train-mode
+  # SE-ResNet's on its own variables, not those of the running statistics
+  train_apply = jax.jit(functools.partial(net.apply, train=True, mutable=["batch_stats"]))
+  _, f_train = train_apply(variables, X, rngs={"dropout": jax.random.key(0)})[0]
+  single = create_model("seresnet_tiny", 0, stem="cifar")
+  f_single = jax.jit(functools.partial(single.apply, train=True, mutable=["batch_stats"]))(
+      extract_head(variables, 1), X)[0]
+  np.testing.assert_allclose(f_train[1], f_single, rtol=1e-5, atol=1e-5)
+  _, f_eval = jax.jit(net.apply)(variables, X)
+  assert not np.allclose(f_train[1], f_eval[1], atol=1e-3)
+  # the config field is what builds it
+  config = configlib.default_config()
+  config.model.frozen_bn = "batch"
+  assert steps.build_model(config.model, 10).frozen_bn == "batch"
+  with pytest.raises(ValueError, match="frozen_bn='train'; valid: running, batch"):
+    create_multihead("seresnet_tiny", 2, 10, frozen_bn="train")
+
+
 def test_freeze_heads_passes_through_when_nothing_is_frozen():
   updates = {"heads": {"w": jnp.ones((2, 3))}, "fc": {"w": jnp.ones(3)}}
   out, _ = freeze_heads(()).update(updates, optax.EmptyState())
@@ -340,6 +375,18 @@ def test_conv_impl_auto_picks_im2col_on_cpu_and_rejects_unknown():
   assert models.backbone_fields("seresnet18")["conv_impl"] == "im2col"  # tests run on CPU
   with pytest.raises(ValueError, match="conv_impl='fft'"):
     abstract_init(create_model("seresnet_tiny", 3, conv_impl="fft"))
+
+
+@pytest.mark.parametrize("capability, expected", [
+    ("7.0", jnp.float32), ("7.5", jnp.float32),      # V100, T4: bfloat16 emulated, slower
+    ("8.0", jnp.bfloat16), ("9.0", jnp.bfloat16), ("10.0", jnp.bfloat16),
+    ("gfx90a", jnp.bfloat16)])
+def test_dtype_auto_needs_bfloat16_tensor_cores_on_gpus(monkeypatch, capability, expected):
+  class Device:
+    compute_capability = capability
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda *args: [Device()])
+  assert models.backbone_fields("seresnet18", dtype="auto")["dtype"] == expected
 
 
 def test_dtype_auto_is_float32_on_cpu_and_bfloat16_on_accelerators(monkeypatch):

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from featdiv_jax import configlib, sharding, steps
+from featdiv_jax import checkpoint, configlib, sharding, steps
 
 
 def test_resolve_mesh_shape():
@@ -24,22 +24,16 @@ def test_resolve_mesh_shape():
 def tiny_config(num_heads):
   c = configlib.apply_arg(configlib.default_config(), f"multi_cos,heads={num_heads},smoke")
   c.model.stem = "cifar"
+  c.dataset.image_size = 16
   c.model.dropout = 0.5
   return c
 
 
 def run_steps(config, mesh_shape, devices, num_steps=2):
-  mesh = sharding.make_mesh(mesh_shape, devices=devices)
-  model = steps.build_model(config.model, 10)
-  tx = steps.make_optimizer(config.optimizer, 10)
-  init = functools.partial(steps.init_state, model, tx, image_size=16)
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  state_sh = sharding.state_shardings(mesh, abstract, config.model.num_heads)
-  batch_sh = sharding.batch_sharding(mesh)
-  state = jax.jit(init, out_shardings=state_sh)(jax.random.key(0))
-  train = jax.jit(steps.bind_train_step(model, tx, config),
-                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                  donate_argnums=0)
+  trainer = steps.make_trainer(config, 10, sharding.make_mesh(mesh_shape, devices=devices),
+                               total_steps=10)
+  state, train, batch_sh = (trainer.init_state(jax.random.key(0)), trainer.train_step,
+                            trainer.batch_sharding)
   rng = np.random.default_rng(0)
   history = []
   for _ in range(num_steps):
@@ -47,7 +41,7 @@ def run_steps(config, mesh_shape, devices, num_steps=2):
              "label": rng.integers(0, 10, size=8).astype(np.int32)}
     state, metrics = train(state, sharding.global_batch(local, batch_sh))
     history.append(jax.device_get(metrics))
-  return state, history, state_sh
+  return state, history, trainer.state_shardings
 
 
 def test_eight_devices_match_one_device_for_every_mesh_shape():
@@ -71,12 +65,8 @@ def test_eight_devices_match_one_device_for_every_mesh_shape():
 
 def test_optimizer_moments_follow_the_head_sharding():
   config = tiny_config(4)
-  mesh = sharding.make_mesh((2, 4))
-  model = steps.build_model(config.model, 10)
-  tx = steps.make_optimizer(config.optimizer, 10)
-  abstract = jax.eval_shape(functools.partial(steps.init_state, model, tx, image_size=16),
-                            jax.random.key(0))
-  shardings = sharding.state_shardings(mesh, abstract, 4)
+  shardings = steps.make_trainer(config, 10, sharding.make_mesh((2, 4)),
+                                total_steps=10).state_shardings
   specs = {jax.tree_util.keystr(p): s.spec
            for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
   heads = [k for k in specs if "'heads'" in k]
@@ -84,3 +74,17 @@ def test_optimizer_moments_follow_the_head_sharding():
   assert heads and all(specs[k] == jax.sharding.PartitionSpec("heads") for k in heads)
   assert any("mu" in k for k in heads) and any("batch_stats" in k for k in heads)
   assert all(specs[k] == jax.sharding.PartitionSpec() for k in others)
+
+
+def test_runs_that_differ_only_in_their_seed_share_one_compiled_step():
+  texts = []
+  for seed in (0, 1, 2**40 + 3):
+    config = tiny_config(2)
+    config.seed = seed
+    trainer = steps.make_trainer(config, 10, sharding.make_mesh((8, 1)), total_steps=10)
+    state = checkpoint.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
+    batch = {"image": jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32,
+                                           sharding=trainer.batch_sharding),
+             "label": jax.ShapeDtypeStruct((8,), jnp.int32, sharding=trainer.batch_sharding)}
+    texts.append(trainer.train_step.lower(state, batch).as_text())
+  assert texts[0] == texts[1] == texts[2]

@@ -1,7 +1,8 @@
 """Per-example image preprocessing in TensorFlow: decode, resize, pad, crop, flip, normalise.
 
-Train: decode -> resize shorter side -> zero pad -> random crop -> random flip -> normalise.
-Eval:  decode -> resize shorter side -> center crop -> normalise.
+Train: decode [-> grayscale] -> resize shorter side -> zero pad -> random (or center) crop ->
+       random flip -> normalise.
+Eval:  decode [-> grayscale] -> resize shorter side -> center crop -> normalise.
 Randomness comes only from `tf.random.stateless_*` with an explicit seed pair, so an example's
 augmentation is a pure function of (seed, element index) and survives a resume-by-skip.
 """
@@ -12,13 +13,19 @@ from typing import Any, Tuple
 
 import tensorflow as tf
 
-from featdiv_jax.data.errors import DatasetError
+from featdiv_jax.data.errors import TRAIN_CROPS, DatasetError
+
+# PIL's `Image.convert('L')` (Pillow's Convert.c): L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16,
+# the documented R*299/1000 + G*587/1000 + B*114/1000 in 16-bit fixed point, rounded. Computed
+# here in integers it equals PIL on all 2**24 colours (checked against Pillow 13); TF's
+# tf.image.rgb_to_grayscale (weights 0.2989/0.5870/0.1140) is 1 level darker on 26% of them.
+GRAY_WEIGHTS = (19595, 38470, 7471)
 
 
-def config_field(dc, field: str) -> Any:
-  """`dc.<field>`, or a DatasetError naming the missing field."""
+def config_field(dataset_config, field: str) -> Any:
+  """`dataset_config.<field>`, or a DatasetError naming the missing field."""
   try:
-    return getattr(dc, field)
+    return getattr(dataset_config, field)
   except (AttributeError, KeyError):
     raise DatasetError(f"the data config has no field {field!r}") from None
 
@@ -30,16 +37,28 @@ def check_int(value, what: str, minimum: int) -> int:
   return int(value)
 
 
-def _triple(dc, field: str, positive: bool) -> Tuple[float, float, float]:
-  value = config_field(dc, field)
+def optional_field(dataset_config, field: str, default) -> Any:
+  """`dataset_config.<field>`, or `default` for a config written before the field existed."""
+  try:
+    return getattr(dataset_config, field)
+  except (AttributeError, KeyError):
+    return default
+
+
+def int_field(dataset_config, field: str, minimum: int) -> int:
+  return check_int(config_field(dataset_config, field), f"dataset.{field}", minimum)
+
+
+def _triple(dataset_config, field: str, positive: bool) -> Tuple[float, float, float]:
+  value = config_field(dataset_config, field)
   try:
     triple = tuple(float(v) for v in value)
   except (TypeError, ValueError):
     triple = ()
   if len(triple) != 3 or (positive and min(triple) <= 0):
     need = "3 numbers > 0" if positive else "3 numbers"
-    raise DatasetError(f"dc.{field} must be {need} (one per RGB channel, in [0, 1] pixel units), "
-                       f"got {value!r}")
+    raise DatasetError(f"dataset.{field} must be {need} (one per RGB channel, in [0, 1] pixel "
+                       f"units), got {value!r}")
   return triple
 
 
@@ -52,18 +71,26 @@ class Preprocess:
   flip: bool = False
   mean: Tuple[float, float, float] = (0.0, 0.0, 0.0)
   std: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+  train_crop: str = "random"  # or "center": the eval crop (after any pad), then the flip
+  grayscale: bool = False     # PIL's convert('L') right after decoding, repeated to 3 channels
 
   @classmethod
-  def from_config(cls, dc) -> "Preprocess":
-    flip = config_field(dc, "flip")
-    if not isinstance(flip, bool):
-      raise DatasetError(f"dc.flip must be True or False, got {flip!r}")
-    return cls(image_size=check_int(config_field(dc, "image_size"), "dc.image_size", 1),
-               resize_size=check_int(config_field(dc, "resize_size"), "dc.resize_size", 0),
-               pad=check_int(config_field(dc, "pad"), "dc.pad", 0),
-               flip=flip,
-               mean=_triple(dc, "mean", positive=False),
-               std=_triple(dc, "std", positive=True))
+  def from_config(cls, dataset_config) -> "Preprocess":
+    flags = {"flip": config_field(dataset_config, "flip"),
+             "grayscale": optional_field(dataset_config, "grayscale", False)}
+    for field, value in flags.items():
+      if not isinstance(value, bool):
+        raise DatasetError(f"dataset.{field} must be True or False, got {value!r}")
+    train_crop = optional_field(dataset_config, "train_crop", "random")
+    if train_crop not in TRAIN_CROPS:
+      raise DatasetError(f"dataset.train_crop must be one of {', '.join(TRAIN_CROPS)}, got "
+                         f"{train_crop!r}")
+    return cls(image_size=int_field(dataset_config, "image_size", 1),
+               resize_size=int_field(dataset_config, "resize_size", 0),
+               pad=int_field(dataset_config, "pad", 0),
+               mean=_triple(dataset_config, "mean", positive=False),
+               std=_triple(dataset_config, "std", positive=True),
+               train_crop=train_crop, **flags)
 
   def train(self, encoded: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """Encoded image bytes and an int64 seed pair -> augmented float32 (S, S, 3)."""
@@ -72,8 +99,13 @@ class Preprocess:
       image = tf.pad(image, [[self.pad, self.pad], [self.pad, self.pad], [0, 0]])
     image = at_least(image, self.image_size)
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-    image = tf.image.stateless_random_crop(
-        image, [self.image_size, self.image_size, 3], seed=crop_seed)
+    if self.train_crop == "center":
+      # The notebooks' Resize + CenterCrop: with pad 0 exactly the eval image. A symmetric pad
+      # changes nothing here unless the image is smaller than the crop.
+      image = center_crop(image, self.image_size)
+    else:
+      image = tf.image.stateless_random_crop(
+          image, [self.image_size, self.image_size, 3], seed=crop_seed)
     if self.flip:
       image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
     return self.normalise(image)
@@ -89,17 +121,29 @@ class Preprocess:
     return (image / 255.0 - mean) / std
 
   def _decode_and_resize(self, encoded: tf.Tensor) -> tf.Tensor:
-    image = decode(encoded)
+    image = decode(encoded, grayscale=self.grayscale)
     if self.resize_size:
       image = resize_shorter_side(image, self.resize_size)
     return image
 
 
-def decode(encoded: tf.Tensor) -> tf.Tensor:
-  """PNG/JPEG/BMP/GIF bytes -> float32 (H, W, 3) in 0..255; grayscale and RGBA become RGB."""
+def decode(encoded: tf.Tensor, grayscale: bool = False) -> tf.Tensor:
+  """PNG/JPEG/BMP/GIF bytes -> float32 (H, W, 3) in 0..255; grayscale and RGBA become RGB.
+
+  `grayscale`: PIL's convert('L') of the decoded 8-bit pixels, repeated to 3 channels.
+  """
   image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
   image.set_shape([None, None, 3])
+  if grayscale:
+    image = to_grayscale(image)
   return tf.cast(image, tf.float32)
+
+
+def to_grayscale(image: tf.Tensor) -> tf.Tensor:
+  """uint8 (H, W, 3) RGB -> uint8 (H, W, 3), each channel PIL's `convert('L')` value."""
+  weighted = tf.cast(image, tf.int32) * tf.constant(GRAY_WEIGHTS, tf.int32)
+  gray = tf.bitwise.right_shift(tf.reduce_sum(weighted, axis=-1, keepdims=True) + 0x8000, 16)
+  return tf.tile(tf.cast(gray, tf.uint8), [1, 1, 3])
 
 
 def _hw(image):
@@ -120,8 +164,8 @@ def _resize(image: tf.Tensor, new_h: tf.Tensor, new_w: tf.Tensor) -> tf.Tensor:
   """Bilinear, antialiased when shrinking (like torchvision/PIL)."""
   h, w = _hw(image)
   size = tf.stack([new_h, new_w])
-  # When enlarging, antialiasing changes nothing (to float rounding) but runs 2x slower
-  # (a 8x8 -> 32x32 digits pipeline: about 5,000 vs 11,500 images/s on 2 cores).
+  # When enlarging, antialiasing changes nothing (to float rounding) but costs time
+  # (docs/performance.md, "Figures behind code comments").
   return tf.cond(tf.logical_or(new_h < h, new_w < w),
                  lambda: tf.image.resize(image, size, method="bilinear", antialias=True),
                  lambda: tf.image.resize(image, size, method="bilinear"))

@@ -4,17 +4,25 @@ A source hands the pipeline still-encoded examples `{"image": ref, "label": int6
 process's share of a split, in a deterministic order (or a seeded shuffled one). `encoded(ref)`
 turns a ref into image bytes; the pipeline calls it after any resume skip, so skipping never
 reads or decodes an image.
+
+A view (`open_view`) is what the pipeline reads: its "train" and "eval" sides are the configured
+splits, or, with dataset.exclude_classes / holdout_fraction, explicit lists of examples chosen
+from them by a pure function of the config, so every process sees the same lists.
 """
 
 import concurrent.futures
+import math
+import numbers
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from featdiv_jax.data.digits import SklearnDigits
 from featdiv_jax.data.errors import DATASETS, DatasetError
+from featdiv_jax.data.preprocess import config_field, optional_field
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 # The first bytes of each format tf.io.decode_image reads, by the extension that names it.
@@ -24,6 +32,11 @@ IMAGE_MAGIC = {".bmp": (b"BM", "BMP"), ".gif": (b"GIF8", "GIF"),
 
 # Files checked at once: on a remote file system (gs://) each check is a round trip.
 CHECK_THREADS = 16
+# Class names a bad dataset.exclude_classes message lists.
+NAMES_SHOWN = 8
+# Stored-order labels of prepared TFDS splits, by (data path, split): prepared data never changes,
+# and dataset_info, train_batches and eval_batches each open the source.
+_LABELS: Dict[tuple, np.ndarray] = {}
 
 
 class UnknownSplitError(DatasetError):
@@ -38,12 +51,12 @@ def even_range(total: int, index: int, count: int, drop_remainder: bool):
   return per * index + min(index, extra), per + (index < extra)
 
 
-def open_source(dc):
+def open_source(dataset_config):
   """The source a data config names, prepared for reading (or a DatasetError saying why not)."""
-  name = getattr(dc, "name", None)
+  name = getattr(dataset_config, "name", None)
   if name not in DATASETS:
     raise DatasetError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
-  data_dir = getattr(dc, "data_dir", None) or None
+  data_dir = getattr(dataset_config, "data_dir", None) or None
   if name == "imagefolder":
     return ImageFolderSource(data_dir)
   if name == "digits":
@@ -54,7 +67,7 @@ def open_source(dc):
       prepare_once(builder, download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   else:
     builder = tfds.builder(name, data_dir=data_dir)
-    _prepare(builder, name, bool(getattr(dc, "download", False)))
+    _prepare(builder, name, bool(getattr(dataset_config, "download", False)))
   return TfdsSource(builder)
 
 
@@ -90,8 +103,9 @@ def _prepare(builder, name: str, download: bool):
   how = (f"On a machine with network access run `tfds build {name} --data_dir=DIR`, then copy "
          f"DIR/{name} to {os.path.join(root, name)}")
   if not download:
-    raise DatasetError(f"dataset {name!r} is not prepared in data dir {root!r} and dataset.download "
-                       f"is False. {how}, or pass --config.dataset.download=True to download it here.")
+    raise DatasetError(f"dataset {name!r} is not prepared in data dir {root!r} and "
+                       f"dataset.download is False. {how}, or pass "
+                       "--config.dataset.download=True to download it here.")
   try:
     prepare_once(builder)
   except (OSError, tfds.download.DownloadError, ImportError) as e:  # requests errors are OSErrors
@@ -106,6 +120,7 @@ class TfdsSource:
     self._builder = builder
     self.name = builder.name
     self.num_classes = builder.info.features["label"].num_classes
+    self.class_names = list(builder.info.features["label"].names)
     # Empty under tfds.testing.mock_data: sizes then come from what the reader yields, and
     # sharding is done here, because the mock ignores sub-splits (every one holds everything).
     self._known = bool(builder.info.splits)
@@ -137,6 +152,25 @@ class TfdsSource:
       ds = self._dataset(split, seed).skip(start).take(size)
     return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
 
+  def read_all(self, split: str) -> tf.data.Dataset:
+    """The whole split in its stored order (the order `labels` gives)."""
+    return self._dataset(split, None).map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+
+  def labels(self, split: str) -> np.ndarray:
+    """int64 labels of `split` in stored order (reads every record once, decodes no image)."""
+    if self._known:
+      self._split_info(split)  # validates the name first
+      key = (os.fspath(self._builder.data_dir), split)
+      if key not in _LABELS:
+        _LABELS[key] = self._read_labels(split)
+      return _LABELS[key]
+    return self._read_labels(split)
+
+  def _read_labels(self, split: str) -> np.ndarray:
+    ds = self._dataset(split, None).map(lambda ex: ex["label"], num_parallel_calls=tf.data.AUTOTUNE)
+    parts = list(ds.batch(8192).as_numpy_iterator())
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros([0], np.int64)
+
   def encoded(self, ref: tf.Tensor) -> tf.Tensor:
     return ref
 
@@ -166,7 +200,7 @@ class ImageFolderSource:
 
   def __init__(self, root: Optional[str]):
     if not root:
-      raise DatasetError("dataset 'imagefolder' needs dc.data_dir: a folder holding one "
+      raise DatasetError("dataset 'imagefolder' needs dataset.data_dir: a folder holding one "
                          "sub-folder per split, each with one sub-folder per class")
     if not tf.io.gfile.isdir(root):
       raise DatasetError(f"image folder root {root!r} does not exist (expected "
@@ -176,6 +210,7 @@ class ImageFolderSource:
     self.splits = _subfolders(root)
     self.classes = sorted({c for s in self.splits for c in _subfolders(os.path.join(root, s))})
     self.num_classes = len(self.classes)
+    self.class_names = self.classes
     self._files = {}
 
   def split_size(self, split: str) -> int:
@@ -197,6 +232,13 @@ class ImageFolderSource:
       # whatever the pipeline's shuffle buffer.
       ds = ds.shuffle(max(size, 1), seed=seed, reshuffle_each_iteration=True)
     return ds
+
+  def refs(self, split: str) -> List[str]:
+    """The split's file paths in listing order (the order `labels` gives)."""
+    return self._list(split)[0]
+
+  def labels(self, split: str) -> np.ndarray:
+    return np.asarray(self._list(split)[1], np.int64)
 
   def encoded(self, ref: tf.Tensor) -> tf.Tensor:
     return tf.io.read_file(ref)
@@ -261,3 +303,191 @@ def check_images(paths: List[str]) -> None:
   with concurrent.futures.ThreadPoolExecutor(min(CHECK_THREADS, len(paths))) as pool:
     for _ in pool.map(check_image, paths):
       pass
+
+
+# --- views: what the pipeline reads as its "train" and "eval" sides --------------------------
+
+SIDES = ("train", "eval")
+
+
+def open_view(dataset_config):
+  """The train and eval sides a data config describes, ready to read.
+
+  Without dataset.exclude_classes and dataset.holdout_fraction each side is a split of the
+  source (SplitView, read as it is stored). With either, each side is an explicit list of the
+  source's examples (SelectedView).
+  """
+  source = open_source(dataset_config)
+  splits = {side: config_field(dataset_config, f"{side}_split") for side in SIDES}
+  excluded = optional_field(dataset_config, "exclude_classes", ())
+  fraction = optional_field(dataset_config, "holdout_fraction", 0.0)
+  seed = optional_field(dataset_config, "holdout_seed", 0)
+  if isinstance(excluded, (str, bytes)) or not isinstance(excluded, (tuple, list)):
+    raise DatasetError(f"dataset.exclude_classes must be a tuple of class names or indices, got "
+                       f"{excluded!r}")
+  if (not isinstance(fraction, numbers.Real) or isinstance(fraction, bool)
+      or not 0 <= fraction < 1):
+    raise DatasetError(f"dataset.holdout_fraction must be a number in [0, 1) (0: off), got "
+                       f"{fraction!r}")
+  if (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)
+      or not -2**63 <= seed < 2**63):
+    raise DatasetError(f"dataset.holdout_seed must be a 64-bit integer, got {seed!r}")
+  if not excluded and fraction == 0:
+    return SplitView(source, splits)
+  return SelectedView(source, splits, excluded_classes(source, excluded), float(fraction),
+                      int(seed))
+
+
+def excluded_classes(source, excluded) -> List[int]:
+  """Sorted class indices of dataset.exclude_classes (names or indices), checked."""
+  names = source.class_names
+  n = len(names)
+  out = set()
+  for value in excluded:
+    if isinstance(value, str) and value in names:
+      out.add(names.index(value))
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < n:
+      out.add(int(value))
+    else:
+      close = [c for c in names if isinstance(value, str) and c.lower() == value.lower()]
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      shown = ", ".join(repr(c) for c in names[:NAMES_SHOWN]) + (", ..." if n > NAMES_SHOWN else "")
+      raise DatasetError(
+          f"dataset.exclude_classes: {value!r} is not a class of {source.name!r}{hint}; valid: "
+          f"its {n} class names ({shown}) or indices 0..{n - 1}")
+  if len(out) == n:
+    raise DatasetError(f"dataset.exclude_classes={tuple(excluded)!r} drops all {n} classes of "
+                       f"{source.name!r}; keep at least one")
+  return sorted(out)
+
+
+def holdout(total: int, fraction: float, seed: int):
+  """(train, eval): sorted positions in range(total), eval round(fraction * total) of them.
+
+  Rounding is half up (floor(f * total + 0.5)). The eval positions are those with the smallest
+  splitmix64 keys of (seed, position): a pure function of (total, fraction, seed), the same on
+  every process and with every NumPy version, like torch's `random_split` of the whole set.
+  """
+  num_eval = int(math.floor(fraction * total + 0.5))
+  if not 0 < num_eval < total:
+    raise DatasetError(
+        f"dataset.holdout_fraction={fraction!r} holds out round({fraction!r} x {total}) = "
+        f"{num_eval} of the {total} examples; both parts need at least one, so use a fraction "
+        f"in [{0.5 / total:.4g}, {1 - 0.5 / total:.4g})")
+  keys = _splitmix64(_splitmix64(np.full(total, seed % 2**64, np.uint64))
+                     ^ np.arange(total, dtype=np.uint64))
+  order = np.argsort(keys, kind="stable")
+  return np.sort(order[num_eval:]), np.sort(order[:num_eval])
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+  with np.errstate(over="ignore"):
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class SplitView:
+  """Each side is the split its config field names, read as the source stores it."""
+
+  def __init__(self, source, splits: Dict[str, str]):
+    self.source, self.splits = source, splits
+    self.name, self.num_classes, self.encoded = source.name, source.num_classes, source.encoded
+
+  def describe(self, side: str) -> str:
+    return f"{side} split {self.splits[side]!r} of {self.name!r}"
+
+  def size(self, side: str) -> int:
+    return int(self._checked(side, self.source.split_size))
+
+  def shard_sizes(self, side: str, count: int, drop_remainder: bool) -> List[int]:
+    return self._checked(side, lambda s: self.source.shard_sizes(s, count, drop_remainder))
+
+  def read(self, side: str, **kwargs) -> tf.data.Dataset:
+    return self._checked(side, lambda s: self.source.read(s, **kwargs))
+
+  def _checked(self, side, fn):
+    try:
+      return fn(self.splits[side])
+    except UnknownSplitError as e:  # say which config field holds the unknown name
+      raise DatasetError(f"dataset.{side}_split={self.splits[side]!r} is invalid: {e}") from None
+
+
+class SelectedView:
+  """Each side is an explicit list of examples: dataset.exclude_classes and holdout_fraction.
+
+  Examples are numbered by a global id: the position in the stored order of train_split, then
+  of eval_split (if it is another split). Dropped classes go from both sides and the kept ones
+  are renumbered 0..N-1 in their order. holdout_fraction > 0 splits the kept examples of both
+  splits together (`holdout`; a split named twice counts once). A side's ids are kept sorted
+  and each process reads its even share, a contiguous range of them, as SplitView does a split.
+  """
+
+  def __init__(self, source, splits: Dict[str, str], excluded: List[int], fraction: float,
+               seed: int):
+    self.source, self.splits = source, splits
+    self.name, self.encoded = source.name, source.encoded
+    self.num_classes = source.num_classes - len(excluded)
+    labels, self._spans, offset = [], {}, 0  # split -> (first global id, size)
+    for side in SIDES:
+      split = splits[side]
+      if split not in self._spans:
+        try:
+          labels.append(source.labels(split))
+        except UnknownSplitError as e:
+          raise DatasetError(f"dataset.{side}_split={split!r} is invalid: {e}") from None
+        self._spans[split] = (offset, len(labels[-1]))
+        offset += len(labels[-1])
+    remap = np.full(source.num_classes, -1, np.int64)
+    kept_classes = np.setdiff1d(np.arange(source.num_classes), excluded)
+    remap[kept_classes] = np.arange(len(kept_classes))
+    self._labels = remap[np.concatenate(labels)]  # by global id; -1: dropped
+    kept = np.flatnonzero(self._labels >= 0)
+    if fraction:
+      train, held = holdout(len(kept), fraction, seed)
+      self._ids = {"train": kept[train], "eval": kept[held]}
+      self._how = f"dataset.holdout_fraction={fraction!r} (holdout_seed={seed})"
+    else:
+      self._ids = {}
+      for side in SIDES:
+        first, n = self._spans[splits[side]]
+        self._ids[side] = kept[(kept >= first) & (kept < first + n)]
+      self._how = f"dataset.exclude_classes ({len(excluded)} classes dropped)"
+
+  def describe(self, side: str) -> str:
+    return f"the {side} side of {self.name!r} after {self._how}"
+
+  def size(self, side: str) -> int:
+    return len(self._ids[side])
+
+  def shard_sizes(self, side: str, count: int, drop_remainder: bool) -> List[int]:
+    return [even_range(self.size(side), i, count, drop_remainder)[1] for i in range(count)]
+
+  def read(self, side: str, *, index: int, count: int, drop_remainder: bool,
+           seed: Optional[int]) -> tf.data.Dataset:
+    """This process's share of `side`: sorted ids for cheap refs (file paths, shuffled in full
+    with `seed`), else the stored records filtered by id (in stored order)."""
+    start, size = even_range(self.size(side), index, count, drop_remainder)
+    mine = self._ids[side][start:start + size]
+    if hasattr(self.source, "refs"):
+      refs = np.concatenate([np.asarray(self.source.refs(s), object) for s in self._spans])
+      ds = tf.data.Dataset.from_tensor_slices({
+          "image": tf.constant([str(r) for r in refs[mine]], tf.string),
+          "label": tf.constant(self._labels[mine], tf.int64)})
+      if seed is not None:
+        ds = ds.shuffle(max(size, 1), seed=seed, reshuffle_each_iteration=True)
+      return ds
+    member = np.zeros(len(self._labels), bool)
+    member[mine] = True
+    streams = [self.source.read_all(split).enumerate(start=offset)
+               for split, (offset, n) in self._spans.items() if member[offset:offset + n].any()]
+    if not streams:  # an empty share: a stream of the right structure that reads nothing
+      split, (offset, _) = next(iter(self._spans.items()))
+      streams = [self.source.read_all(split).take(0).enumerate(start=offset)]
+    ds = streams[0]
+    for other in streams[1:]:
+      ds = ds.concatenate(other)
+    member_t, labels_t = tf.constant(member), tf.constant(self._labels)
+    ds = ds.filter(lambda i, ex: tf.gather(member_t, i))
+    return ds.map(lambda i, ex: {"image": ex["image"], "label": tf.gather(labels_t, i)})

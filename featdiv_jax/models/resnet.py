@@ -86,8 +86,8 @@ class PatchConv(nn.Module):
   which XLA:CPU runs several times slower than K separate ones; this form becomes a batched
   matmul instead. Kernel offsets that only ever see padding (8 of 9 of a 3x3 kernel on a 1x1
   map, 5 of 9 for a stride-2 3x3 conv from 2x2 to 1x1) are left out of the matmul: exact, and
-  1.15x faster for the 32 px ImageNet-stem step on CPU. Symmetric integer padding only (all timm
-  SE-ResNet convs).
+  less work for the small maps a 32 px image reaches (docs/performance.md). Symmetric integer
+  padding only (all timm SE-ResNet convs).
   """
   features: int
   kernel_size: Sequence[int]
@@ -183,6 +183,7 @@ class Bottleneck(_Block):
 
 STEMS = ("imagenet", "cifar")
 CONV_IMPLS = ("xla", "im2col")  # plus "auto" in create_model: see default_conv_impl
+DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes; plus "auto": see default_dtype
 
 
 class SEResNet(nn.Module):
@@ -204,10 +205,6 @@ class SEResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, frozen: Optional[jax.Array] = None):
-    if self.stem not in STEMS:
-      raise ValueError(f"stem={self.stem!r} is not one of {STEMS}")
-    if self.conv_impl not in CONV_IMPLS:
-      raise ValueError(f"conv_impl={self.conv_impl!r} is not one of {CONV_IMPLS}")
     conv = functools.partial(nn.Conv if self.conv_impl == "xla" else PatchConv,
                              use_bias=False, dtype=self.dtype, kernel_init=conv_init)
     norm = functools.partial(
@@ -261,9 +258,26 @@ def default_conv_impl() -> str:
 
 
 def default_dtype() -> str:
-  """The compute dtype `dtype="auto"` picks: bfloat16 on GPUs and TPUs (parameters stay float32;
-  1.47x the float32 step on an H200, docs/performance.md), float32 on CPUs."""
-  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  """The compute dtype `dtype="auto"` picks: bfloat16 on TPUs and on GPUs with bfloat16 tensor
+  cores, where it is the faster (docs/performance.md; parameters stay float32); float32 on CPUs
+  and on older GPUs (T4, V100), where XLA emulates bfloat16 more slowly than float32."""
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "float32"
+  if backend == "gpu" and not has_bfloat16_tensor_cores(jax.devices()[0]):
+    return "float32"
+  return "bfloat16"
+
+
+def has_bfloat16_tensor_cores(device) -> bool:
+  """NVIDIA compute capability >= 8.0 (Ampere on). A capability that is not an NVIDIA version
+  number (AMD's `gfx...`) counts as capable: the MI200/MI300 accelerators JAX runs on have them."""
+  capability = getattr(device, "compute_capability", None)
+  try:
+    major = int(str(capability).split(".", maxsplit=1)[0])
+  except ValueError:
+    return True
+  return major >= 8
 
 
 def backbone_fields(arch: str, **options) -> dict:
@@ -290,6 +304,11 @@ def backbone_fields(arch: str, **options) -> dict:
     if key in options:
       options[key] = tuple(int(v) for v in options[key])
   fields.update(options)
+  stem = fields.get("stem", SEResNet.stem)
+  if stem not in STEMS:
+    raise ValueError(f"stem={stem!r} is not one of {STEMS}")
+  if fields["conv_impl"] not in CONV_IMPLS:
+    raise ValueError(f"conv_impl={fields['conv_impl']!r} is not one of {CONV_IMPLS}")
   widths = fields.get("widths", SEResNet.widths)
   if len(widths) != len(fields["stage_sizes"]):
     raise ValueError(f"widths {tuple(widths)} and stage_sizes {fields['stage_sizes']} "

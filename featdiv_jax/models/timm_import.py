@@ -10,6 +10,7 @@ from typing import Mapping, Union
 
 import jax
 import numpy as np
+import safetensors.numpy
 
 from featdiv_jax.models.resnet import create_model
 
@@ -29,8 +30,7 @@ def read_state_dict(source: Source) -> dict:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"timm weights file {path!r} does not exist")
     if path.endswith(".safetensors"):
-      from safetensors.numpy import load_file
-      state = load_file(path)
+      state = safetensors.numpy.load_file(path)
     elif path.endswith(".npz"):
       with np.load(path) as f:
         state = dict(f)
@@ -113,3 +113,33 @@ def load_timm_weights(source: Source, arch: str, **options) -> dict:
     raise ValueError(f"timm weights in {where} do not fit arch {arch!r} ({num_classes} "
                      f"classes, from fc.weight): " + " | ".join(problems))
   return variables
+
+
+def _to_torch(value: np.ndarray, key: str) -> np.ndarray:
+  """The inverse of `_to_flax`: HWIO -> OIHW, dense (in, out) -> (out, in), SE -> 1x1 conv."""
+  if value.ndim == 4:
+    value = value.transpose(3, 2, 0, 1)
+  elif value.ndim == 2:
+    value = value.T[:, :, None, None] if ".se." in key else value.T
+  return np.ascontiguousarray(value)
+
+
+def to_timm_state_dict(variables: Mapping, num_batches_tracked: int = 0) -> dict:
+  """A timm state dict {name: numpy array} of a single SE-ResNet's variables: the inverse of
+  `load_timm_weights`, bit for bit.
+
+  `variables` are `{"params", "batch_stats"}` of `create_model(arch, num_classes)` (with `fc`)
+  or of its feature extractor (num_classes=0; no `fc.*` keys then), e.g. `extract_head` of a
+  MultiHeadNet. Every BatchNorm also gets timm's `num_batches_tracked` buffer (int64 scalar,
+  `num_batches_tracked`), which `load_state_dict(strict=True)` expects and which only a
+  BatchNorm with momentum=None reads.
+  """
+  state = {}
+  tree = {c: variables[c] for c in ("params", "batch_stats") if c in variables}
+  for path, value in jax.tree_util.tree_leaves_with_path(tree):
+    key = torch_key(tuple(p.key for p in path[1:]))  # path[0] is the collection
+    state[key] = _to_torch(np.asarray(value), key)
+    if key.endswith(".running_mean"):
+      state[key[:-len("running_mean")] + "num_batches_tracked"] = np.asarray(
+          num_batches_tracked, np.int64)
+  return state

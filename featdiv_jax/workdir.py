@@ -1,0 +1,55 @@
+"""What a workdir holds besides checkpoints: its model signature (config.json) and results.json.
+
+A workdir belongs to one model: `check` refuses, before anything is written, a config whose
+model differs from the one recorded there. (The lock on a live run is `guards.WorkdirLock`.)
+"""
+
+import json
+import os
+
+from featdiv_jax import configlib
+from featdiv_jax.files import write_json_atomic
+
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
+
+
+class WorkdirError(ValueError):
+  """The workdir holds a run this config cannot continue."""
+
+
+def _signature(config) -> dict:
+  return json.loads(json.dumps(configlib.model_signature(config)))  # tuples -> lists, as saved
+
+
+def check(workdir: str, config) -> None:
+  """Refuses a workdir whose saved config describes a different model; writes nothing."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  ours = _signature(config)
+  with open(path) as f:
+    saved = json.load(f).get("signature", {})
+  # A field newer than the workdir's run had its default value there.
+  defaults = _signature(configlib.default_config())["model"]
+  saved_model = {**defaults, **saved.get("model", {})}
+  our_model = ours["model"]
+  diffs = [f"model.{k}: workdir has {saved_model.get(k)!r}, config has {our_model.get(k)!r}"
+           for k in sorted(set(saved_model) | set(our_model))
+           if saved_model.get(k) != our_model.get(k)]
+  diffs += [f"{k}: workdir has {saved.get(k)!r}, config has {ours[k]!r}"
+            for k in ours if k != "model" and saved.get(k) != ours[k]]
+  if diffs:
+    raise WorkdirError(f"workdir {workdir} holds a run of a different model ("
+                       + "; ".join(diffs) + "); use a new --workdir or the matching config")
+
+
+def record_config(workdir: str, config) -> None:
+  """Writes WORKDIR/config.json once: the signature later runs are checked against."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    write_json_atomic(path, {"signature": _signature(config), "config": config.to_dict()})
+
+
+def write_results(workdir: str, results: dict) -> None:
+  write_json_atomic(os.path.join(workdir, RESULTS_FILE), results)
