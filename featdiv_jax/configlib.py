@@ -87,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.penalty = ml_collections.ConfigDict()
   c.penalty.weight = 1.0              # loss = cross-entropy + weight * cosine_diversity
   c.penalty.kind = "cos"              # cos (push apart) | abs | square | align (pull together)
+  #                                     | cka (pooled representations apart, linear CKA)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"          # adamw | sgd (weight decay on every parameter, as torch)

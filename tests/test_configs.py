@@ -123,7 +123,8 @@ def test_words_apply_before_the_key_values_wherever_they_stand():
     c = config_of("flowers102", arg)
     assert (c.batch_size, c.model.arch, c.model.hidden) == (64, "seresnet_tiny", 32), arg
     assert c.protocol == "pretrained_head" and c.dataset.image_size == 32, arg
-  c = configlib.apply_arg(configlib.default_config(), "single,steps=3,smoke,protocol=pretrained_head")
+  c = configlib.apply_arg(configlib.default_config(),
+                          "single,steps=3,smoke,protocol=pretrained_head")
   assert (c.total_steps, c.protocol) == (3, "pretrained_head")
 
 

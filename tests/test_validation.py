@@ -448,7 +448,7 @@ OVERRIDES = {
     "model.frozen_heads": ([(0,), (1,), (), (0, 1)], [(-1,), (4,), 1, ("0",)]),
     "model.dropout": ([0.3, 0.0], [1.0, -0.1, NAN, "half"]),
     "penalty.weight": ([2.0, 0.0, 0.5], [-1.0, INF, NAN, "1"]),
-    "penalty.kind": (["align", "abs", "square", "cos"], ["l2"]),
+    "penalty.kind": (["align", "abs", "square", "cos", "cka"], ["l2"]),
     "batch_size": ([16, 8], [0, 4, 12, "8", 8.0]),
     "mesh": ([(2, 4), (4, 2), (1, 8), (-1, 1)],
              [(3, -1), (4, 4), (8,), (-1, -1), (2.5, -1), ("a", 1), "(2,4)"]),
