@@ -3,13 +3,18 @@
 Feature maps (K, B, H, W, C) are unit-normalised along C; every pair of heads is compared at
 every spatial position with one einsum. After a ReLU the maps are non-negative, so cosines lie in
 [0, 1]: minimising their mean (`cos`) pushes the heads towards disjoint channel use.
+
+The `cka` kind is the exception: it compares representations, not positions -- the linear CKA
+of `analysis.head_cka_matrix` between the heads' spatially pooled features over the batch.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-PENALTY_KINDS = ("cos", "abs", "square", "align")
+from featdiv_jax import analysis
+
+PENALTY_KINDS = ("cos", "abs", "square", "align", "cka")
 
 
 def _unit(features: jax.Array, eps: float) -> jax.Array:
@@ -38,6 +43,13 @@ def cosine_diversity(features: jax.Array, kind: str = "cos", eps: float = 1e-8) 
   kind: `cos` mean cosine (minimised: pushes heads apart; the default), `abs` mean |cos|,
   `square` mean cos^2 (both push towards orthogonal), `align` 1 - mean cosine (the reference
   CIFAR script's sign, which pulls heads together; kept for ablation).
+
+  `cka` is a representation-level kind (the function keeps its name, which callers use): the
+  mean linear CKA over head pairs between the heads' pooled (spatial mean) features over the B
+  examples of the batch (`analysis.head_cka_matrix`; `eps` is unused). Minimising it pushes the
+  heads to arrange the images differently, which a channel permutation or rotation cannot fake,
+  unlike the channel-overlap kinds. It needs a batch of several examples (at B = 2 any two
+  heads score 1) and scores 0 for a head whose pooled features are constant over the batch.
   """
   if kind not in PENALTY_KINDS:
     raise ValueError(f"unknown penalty kind {kind!r}; valid: {', '.join(PENALTY_KINDS)}")
@@ -47,6 +59,8 @@ def cosine_diversity(features: jax.Array, kind: str = "cos", eps: float = 1e-8) 
         f"the cosine diversity penalty compares heads and needs num_heads >= 2, got "
         f"{num_heads}; use penalty weight 0 for a single head")
   rows, cols = np.triu_indices(num_heads, k=1)
+  if kind == "cka":
+    return jnp.mean(analysis.head_cka_matrix(features)[rows, cols])
   cos = pairwise_cosines(features, eps)[rows, cols]
   if kind == "abs":
     cos = jnp.abs(cos)

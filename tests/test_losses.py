@@ -12,10 +12,22 @@ from featdiv_jax.losses import (PENALTY_KINDS, cosine_diversity, head_cosine_mat
                                 pairwise_cosines)
 
 
+def cka_reference(x, y):
+  """Linear CKA of (N, D) arrays by the textbook formula in float64 (Kornblith et al. 2019)."""
+  x, y = x - x.mean(0), y - y.mean(0)
+  return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
 def loop_reference(features, kind):
-  """One head pair and one position at a time, as the PyTorch reference computes it."""
+  """One head pair and one position at a time, as the PyTorch reference computes it.
+
+  For `cka` one head pair at a time, over the batch of spatially pooled features.
+  """
   f = np.asarray(features, np.float64)
   k = f.shape[0]
+  if kind == "cka":
+    p = f.mean(axis=tuple(range(2, f.ndim - 1)))
+    return np.mean([cka_reference(p[i], p[j]) for i, j in itertools.combinations(range(k), 2)])
   values = []
   for i, j in itertools.combinations(range(k), 2):
     a, b = f[i].reshape(-1, f.shape[-1]), f[j].reshape(-1, f.shape[-1])
@@ -58,15 +70,19 @@ def test_zero_vectors_give_finite_value_and_gradient(kind):
   f = random_maps(2)
   f[0, 0] = 0.0          # a whole image of head 0 is dead (all-zero after ReLU)
   f[:, 1, 2, 3] = 0.0    # one position dead in both heads
-  value, grad = jax.value_and_grad(cosine_diversity)(jnp.asarray(f), kind)
+  value, grad = jax.jit(jax.value_and_grad(cosine_diversity), static_argnums=1)(
+      jnp.asarray(f), kind)
   assert np.isfinite(value) and np.all(np.isfinite(grad))
   np.testing.assert_allclose(value, loop_reference(f, kind), atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", PENALTY_KINDS)
 def test_gradient_matches_finite_differences(kind):
-  f = jnp.asarray(random_maps(3, seed=1, relu=False, shape=(2, 2, 2, 4)))
-  jax.test_util.check_grads(lambda x: cosine_diversity(x, kind), (f,), order=1,
+  # cka compares heads over the batch: at B = 2 it is 1 for any non-constant heads, so the
+  # check would compare two zero gradients. B = 4 gives it something to differentiate.
+  shape = (4, 2, 2, 4) if kind == "cka" else (2, 2, 2, 4)
+  f = jnp.asarray(random_maps(3, seed=1, relu=False, shape=shape))
+  jax.test_util.check_grads(jax.jit(lambda x: cosine_diversity(x, kind)), (f,), order=1,
                             modes=("rev",), atol=1e-2, rtol=1e-2)
 
 
@@ -104,3 +120,36 @@ def test_one_head_and_unknown_kind_are_errors():
     cosine_diversity(random_maps(1))
   with pytest.raises(ValueError, match="unknown penalty kind 'l2'.*cos, abs, square, align"):
     cosine_diversity(random_maps(2), kind="l2")
+
+
+def test_cka_is_one_for_identical_or_permuted_heads_and_near_zero_for_independent_ones():
+  penalty = jax.jit(cosine_diversity, static_argnames="kind")
+  f = random_maps(1, shape=(8, 2, 2, 6))[0]
+  np.testing.assert_allclose(penalty(np.stack([f, f, f]), "cka"), 1.0, atol=1e-6)
+  # The same features in disjoint channels: the channel cosine sees nothing in common, CKA sees
+  # the same representation -- the difference the cka kind exists for.
+  moved = np.zeros((2, 8, 2, 2, 12), np.float32)
+  moved[0, ..., :6], moved[1, ..., 6:] = f, f[..., ::-1]
+  np.testing.assert_allclose(penalty(moved, "cos"), 0.0, atol=1e-7)
+  np.testing.assert_allclose(penalty(moved, "cka"), 1.0, atol=1e-6)
+  independent = random_maps(3, seed=7, relu=False, shape=(400, 1, 1, 4))  # N >> D
+  assert float(penalty(independent, "cka")) < 0.05
+
+
+def test_cka_gradient_step_pushes_heads_apart():
+  f = jnp.asarray(random_maps(2, seed=3, shape=(6, 2, 2, 4)))
+  f = f.at[1].add(0.5 * f[0])   # correlated heads, so there is something to push apart
+  value_and_grad = jax.jit(jax.value_and_grad(lambda x: cosine_diversity(x, "cka")))
+  before, grad = value_and_grad(f)
+  after, _ = value_and_grad(f - 0.5 * grad)
+  assert float(after) < float(before) - 1e-3, (before, after)
+
+
+def test_cka_with_one_head_is_an_error_and_the_train_step_measures_zero():
+  # As for the other kinds: cosine_diversity needs two heads; the train step's measure (what
+  # training with one head records) is 0 rather than an error.
+  from featdiv_jax.steps import _head_measures
+  with pytest.raises(ValueError, match="needs num_heads >= 2, got 1"):
+    cosine_diversity(random_maps(1), kind="cka")
+  penalty, cosine = _head_measures(jnp.asarray(random_maps(1)), "cka")
+  assert float(penalty) == 0.0 and float(cosine) == 0.0
