@@ -99,6 +99,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.decay_epochs = 0.0      # cosine horizon in epochs (0: the run's length)
   c.optimizer.per_epoch = False       # True: the schedule steps once per epoch (torch's scheduler)
 
+  # Per-head measures at every evaluation (featdiv_jax.evaluation): head CKA and ablations
+  # always; linear probes on pooled features of training examples as below.
+  c.analysis = ml_collections.ConfigDict()
+  c.analysis.probe_examples = 10_000  # training examples the probes fit on (0: no probes)
+  c.analysis.probe_every_evals = 0    # 0: probes at the final evaluation only; N: also every Nth
+
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "digits"           # digits | cifar10 | caltech101 | oxford_flowers102 | imagefolder
   c.dataset.data_dir = ""             # TFDS data dir ('' = TFDS default); imagefolder: its root
@@ -288,6 +294,19 @@ def with_protocol(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def analysis_field(c, name: str):
+  """`analysis.<name>`, or its default for a config saved before the analysis block."""
+  block = c.get("analysis") if hasattr(c, "get") else None
+  if block is None or name not in block:
+    return default_config().analysis[name]
+  return block[name]
+
+
+def probe_examples(c) -> int:
+  """How many training examples the linear probes fit on (0: no probes)."""
+  return analysis_field(c, "probe_examples")
+
+
 def model_signature(c) -> dict:
   """The fields that decide the shapes and meaning of a checkpoint's state."""
   model = {k: v for k, v in c.model.to_dict().items()
@@ -445,6 +464,8 @@ def _validate_run(c) -> None:
     _check(isinstance(c[field], bool), field, c[field], "True or False")
   for field in ("stage1.num_epochs", "stage1.decay_epochs"):
     _number_at_least(c, field, 0)
+  for field in ("analysis.probe_examples", "analysis.probe_every_evals"):
+    _int_at_least(c, field, 0)
 
 
 def _validate_model(c, models) -> None:

@@ -6,7 +6,7 @@ Restores the model of the run in W (its config.json) at checkpoint `--step` (def
 latest; `best` is results.json's best eval step, kept with `keep_best=True`), evaluates it on
 split S of the run's data set (default: the config's `dataset.eval_split`), writes
 W/eval_<S>_<step>.json and prints one line. The numbers are those of the training loop's own
-evaluation (`train.evaluate_split` with the same compiled eval step, mesh and batch size): at a
+evaluation (`evaluation.evaluate_split` with the same compiled eval step, mesh and batch size): at a
 finished run's last step they equal results.json's `final_eval_accuracy` and its last
 `eval_loss` exactly. `--batch` changes only the loss's last bits (the summation order).
 
@@ -29,7 +29,7 @@ if __name__ == "__main__":  # `python -m featdiv_jax.evaluate`: before any libra
 import jax  # noqa: E402
 import ml_collections
 
-from featdiv_jax import checkpoint, configlib, data, runs, sharding, steps, train
+from featdiv_jax import checkpoint, configlib, data, evaluation, runs, sharding, steps
 from featdiv_jax.cli import ToolParser as _Parser, UsageError
 from featdiv_jax.files import write_json_atomic
 
@@ -110,7 +110,7 @@ def evaluate(workdir: str, split=None, which: str = "latest", batch=None) -> dic
   finally:
     ckpts.close()
   _, make_iter = data.eval_batches(config.dataset, global_batch_size=batch)
-  result = train.evaluate_split(trainer.eval_step, state, make_iter, trainer.batch_sharding,
+  result = evaluation.evaluate_split(trainer.eval_step, state, make_iter, trainer.batch_sharding,
                                 step)
   return dict(workdir=workdir, split=split, step=step, checkpoint=which, batch_size=batch,
               mesh=list(mesh.shape.values()), variant=config.variant,

@@ -44,6 +44,7 @@ class Progress:
   train_images_per_s: Optional[float] = None
   skipped_steps: int = 0                      # non-finite updates dropped (skip_nonfinite)
   eval_head_cosine_matrix: Optional[list] = None  # of the latest evaluation
+  eval_head_cka_matrix: Optional[list] = None     # of the latest evaluation
   # The eval interval's running train averages: they travel in the checkpoint, so a run resumed
   # between two evals reports the same train_loss as an uninterrupted one.
   since_eval: Optional[metrics.TrainMetrics] = None
@@ -71,15 +72,18 @@ class Progress:
       return None
     return max(self.history, key=lambda h: (h["eval_accuracy"], -h["step"]))
 
-  def add_evaluation(self, entry: dict, head_cosine_matrix: list) -> None:
+  def add_evaluation(self, entry: dict, head_cosine_matrix: list,
+                     head_cka_matrix: Optional[list] = None) -> None:
     self.history.append(entry)
     self.eval_head_cosine_matrix = head_cosine_matrix
+    self.eval_head_cka_matrix = head_cka_matrix
     self.since_eval = None
 
   def to_json(self) -> dict:
     return dict(step=self.step, history=self.history, wall_time_s=self.wall_time_s,
                 train_images_per_s=self.train_images_per_s, skipped_steps=self.skipped_steps,
                 eval_head_cosine_matrix=self.eval_head_cosine_matrix,
+                eval_head_cka_matrix=self.eval_head_cka_matrix,
                 since_eval=metrics.to_json(self.since_eval),
                 initialised_from=self.initialised_from)
 
@@ -91,5 +95,6 @@ class Progress:
                train_images_per_s=saved.get("train_images_per_s"),
                skipped_steps=saved.get("skipped_steps", 0),
                eval_head_cosine_matrix=saved.get("eval_head_cosine_matrix"),
+               eval_head_cka_matrix=saved.get("eval_head_cka_matrix"),
                since_eval=metrics.from_json(saved.get("since_eval")),
                initialised_from=saved.get("initialised_from"))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from featdiv_jax import losses, models, sharding
+from featdiv_jax import analysis, losses, models, sharding
 from featdiv_jax.optim import make_optimizer
 
 
@@ -102,21 +102,34 @@ def _is_key(x) -> bool:
   return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def eval_step(state: TrainState, batch: dict, *, model):
-  """Masked sums over one eval batch (padding examples have mask False).
+# eval_step outputs that are per example (batch axis last but one for `pooled`), not sums.
+PER_EXAMPLE = ("pooled", "label", "mask")
 
-  Returns loss_sum, correct, count and cosine_sum, the (K, K) per-example mean cosine between
-  heads summed over real examples; the loop adds these up and divides once at the end.
+
+def eval_step(state: TrainState, batch: dict, *, model):
+  """Masked sums over one eval batch (padding examples have mask False), and its examples.
+
+  Sums: loss_sum, correct, count; cosine_sum, the (K, K) per-example mean cosine between heads
+  summed over real examples; ablation_correct, (K,) correct predictions with head k's map
+  replaced by its mean over the batch's real examples. The loop adds these up and divides once
+  at the end. Per example (`PER_EXAMPLE`): `pooled`, the heads' pooled features (K, B, C) in
+  float32, `label` and `mask`; zero (label -1) where mask is False, so padding never depends on
+  what fills it. The analysis of the heads (CKA, linear probes) reads these.
   """
-  logits, features = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                                 batch["image"], False)
+  logits, features, ablated = model.apply(
+      {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], False,
+      ablation_mask=batch["mask"])
   mask = batch["mask"].astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+  ablated_correct = (jnp.argmax(ablated, -1) == batch["label"]).astype(jnp.float32)  # (K, B)
   cos = losses.pairwise_cosines(features)          # (K, K, B, H, W)
   per_example = jnp.mean(cos.reshape(cos.shape[:3] + (-1,)), axis=-1)
   return dict(loss_sum=jnp.sum(ce * mask), correct=jnp.sum(correct * mask),
-              count=jnp.sum(mask), cosine_sum=jnp.einsum("klb,b->kl", per_example, mask))
+              count=jnp.sum(mask), cosine_sum=jnp.einsum("klb,b->kl", per_example, mask),
+              ablation_correct=ablated_correct @ mask,
+              pooled=analysis.pooled(features) * mask[None, :, None],
+              label=jnp.where(batch["mask"], batch["label"], -1), mask=batch["mask"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +158,8 @@ class Trainer:
   """One config's model, optimizer and compiled steps on one mesh, built by `make_trainer`.
 
   `train_step(state, batch)` returns `(state, metrics)` -- plus `metrics_fn(metrics)` when one
-  was given -- and donates the old state; `eval_step(state, batch)` returns `eval_step`'s sums.
+  was given -- and donates the old state; `eval_step(state, batch)` returns `eval_step`'s sums
+  and per-example outputs.
   Both take and return arrays laid out by `state_shardings` / `batch_sharding`.
   """
   model: models.MultiHeadNet

@@ -8,17 +8,18 @@ where an uninterrupted one would.
 import dataclasses
 import math
 import os
+import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import metric_writers
 from clu import parameter_overview
 from clu import periodic_actions
 
-from featdiv_jax import checkpoint, configlib, data, guards, metrics, models, runs, sharding
-from featdiv_jax import steps
+from featdiv_jax import checkpoint, configlib, data, evaluation, guards, metrics, models, runs
+from featdiv_jax import sharding, steps
+from featdiv_jax.evaluation import evaluate_split
 from featdiv_jax import workdir as workdir_lib
 from featdiv_jax.progress import Progress
 
@@ -82,25 +83,6 @@ def train_validated(config, workdir: str) -> dict:
     return TrainingRun(config, workdir, info).train(preemption)
 
 
-def evaluate_split(eval_step, state, make_iter, batch_sharding, step: int = 0) -> dict:
-  """Accuracy, loss and the head cosine matrix over the whole eval split (each example once)."""
-  sums = None
-  for i, local in enumerate(make_iter()):
-    out = eval_step(state, sharding.global_batch(local, batch_sharding))
-    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    if i == 0:
-      guards.fault_point("eval", step)
-  sums = jax.device_get(sums)
-  count = max(float(sums["count"]), 1.0)
-  matrix = np.asarray(sums["cosine_sum"]) / count
-  k = matrix.shape[0]
-  off_diag = float(matrix[~np.eye(k, dtype=bool)].mean()) if k > 1 else None
-  return dict(eval_loss=float(sums["loss_sum"]) / count,
-              eval_accuracy=float(sums["correct"]) / count,
-              eval_count=int(sums["count"]), eval_head_cosine=off_diag,
-              eval_head_cosine_matrix=matrix.tolist())
-
-
 def results_json(config, progress: Progress, schedule: Schedule, num_params: int) -> dict:
   """What results.json holds."""
   accs = [h["eval_accuracy"] for h in progress.history]
@@ -112,6 +94,7 @@ def results_json(config, progress: Progress, schedule: Schedule, num_params: int
       initialised_from=progress.initialised_from,
       final_eval_accuracy=accs[-1] if accs else None,
       eval_head_cosine_matrix=progress.eval_head_cosine_matrix,
+      eval_head_cka_matrix=progress.eval_head_cka_matrix,
       num_params=num_params, wall_time_s=progress.wall_time_s,
       train_images_per_s=progress.train_images_per_s, skipped_steps=progress.skipped_steps,
       step=progress.step, total_steps=schedule.total_steps,
@@ -158,8 +141,12 @@ class TrainingRun:
     config, schedule, first = self.config, self.schedule, progress.step + 1
     batches = data.train_batches(config.dataset, global_batch_size=config.batch_size,
                                  seed=config.seed, start_step=progress.step)
-    _, self.make_eval_iter = data.eval_batches(
-        config.dataset, global_batch_size=config.eval_batch_size or config.batch_size)
+    eval_batch = config.eval_batch_size or config.batch_size
+    _, self.make_eval_iter = data.eval_batches(config.dataset, global_batch_size=eval_batch)
+    probe_examples = configlib.probe_examples(config)
+    self.make_probe_iter = probe_examples and data.eval_batches(
+        config.dataset, global_batch_size=eval_batch, side="train",
+        max_examples=probe_examples)[1]
     since_log = None
     progress.start_clock()
     preemption.start(progress.step)
@@ -213,23 +200,36 @@ class TrainingRun:
     """Evaluates, adds the entry to the history and writes results.json."""
     jax.block_until_ready(state.step)
     progress.watch.stop()
+    start = time.perf_counter()
     with self.report.timed("eval"):
       result = evaluate_split(self.trainer.eval_step, state, self.make_eval_iter,
-                        self.trainer.batch_sharding, step)
+                              self.trainer.batch_sharding, step,
+                              self.make_probe_iter if self.probe_due(step, progress) else None)
     self.catch_up(step, progress)
     train_summary = progress.since_eval.compute()
     entry = dict(step=step, epoch=step / self.schedule.steps_per_epoch,
                  train_loss=float(train_summary["loss"]),
                  train_accuracy=float(train_summary["accuracy"]),
                  train_head_cosine=float(train_summary["head_cosine"]),
-                 **{k: v for k, v in result.items() if k != "eval_head_cosine_matrix"})
-    progress.add_evaluation(entry, result["eval_head_cosine_matrix"])
-    self.writer.write_scalars(step, {k: v for k, v in entry.items()
-                                     if k.startswith("eval_") and v is not None})
-    logging.info("step %d/%d: eval accuracy %.4f, loss %.4f", step, self.schedule.total_steps,
-                 entry["eval_accuracy"], entry["eval_loss"])
+                 **{k: v for k, v in result.items() if k not in evaluation.MATRICES},
+                 eval_time_s=time.perf_counter() - start)
+    progress.add_evaluation(entry, result["eval_head_cosine_matrix"],
+                            result["eval_head_cka_matrix"])
+    self.writer.write_scalars(step, {k: v for k, v in evaluation.scalars(entry).items()
+                                     if k.startswith("eval_")})
+    heads = evaluation.console_line(entry)
+    logging.info("step %d/%d: eval accuracy %.4f, loss %.4f%s", step, self.schedule.total_steps,
+                 entry["eval_accuracy"], entry["eval_loss"], f"; {heads}" if heads else "")
     self.save_results(progress)
     progress.watch.start()
+
+  def probe_due(self, step: int, progress: Progress) -> bool:
+    """The linear probes run at the last evaluation, and every analysis.probe_every_evals-th."""
+    if not self.make_probe_iter:
+      return False
+    every = configlib.analysis_field(self.config, "probe_every_evals")
+    return step == self.schedule.total_steps or bool(
+        every and (len(progress.history) + 1) % every == 0)
 
   def save(self, step: int, state, progress: Progress, best: float | None = None) -> None:
     """Starts an asynchronous checkpoint of `state` and `progress` at `step` (`best`: the new

@@ -1,4 +1,5 @@
-"""Linear CKA and the heads' CKA matrix: invariances, an exact case, degenerate inputs."""
+"""Linear CKA and the heads' CKA matrix (invariances, an exact case, degenerate inputs), head
+ablations and linear probes, and how evaluation reports them."""
 
 import itertools
 
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from featdiv_jax import analysis, evaluation, models
 from featdiv_jax.analysis import head_cka_matrix, linear_cka, pooled
 
 
@@ -101,3 +103,94 @@ def test_dead_head_gives_zero_row_not_nan():
 def test_rejects_mismatched_shapes():
   with pytest.raises(ValueError, match=r"\(N, D1\) and \(N, D2\)"):
     linear_cka(gaussian(5, 2), gaussian(6, 2))
+
+
+@pytest.mark.parametrize("n", [40, 5])  # N > C: feature space; N < C: example space
+def test_pooled_matrix_over_a_split_matches_the_float64_formula_in_either_space(n):
+  p = gaussian(3, n, 6, seed=10)
+  p[2] = p[0] @ gaussian(6, 6, seed=11) + 0.3 * p[1]  # related to both, not a rotation
+  m = np.asarray(analysis.pooled_cka_matrix(p))
+  for i, j in itertools.product(range(3), repeat=2):
+    np.testing.assert_allclose(m[i, j], np_cka(p[i], p[j]), atol=2e-5)
+  assert analysis.off_diagonal_mean(m) == pytest.approx(
+      (m.astype(np.float64).sum() - np.trace(m.astype(np.float64))) / 6, abs=1e-9)
+  assert analysis.off_diagonal_mean(m[:1, :1]) is None
+
+
+def blobs(n, d, classes, seed, separation=10.0):
+  """Gaussian blobs: class c's mean is `separation` along axis c."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, classes, n)
+  x = rng.normal(size=(n, d))
+  x[np.arange(n), labels] += separation
+  return x, labels
+
+
+def test_a_probe_on_separable_features_is_exact_and_deterministic():
+  x, y = blobs(300, 8, 4, seed=0)
+  xt, yt = blobs(200, 8, 4, seed=1)
+  assert analysis.linear_probe_accuracy(x * 1e3 + 5, y, xt * 1e3 + 5, yt) == 1.0  # scale-free
+  noise, noise_t = gaussian(300, 8, seed=2), gaussian(200, 8, seed=3)
+  chance = analysis.linear_probe_accuracy(noise, y, noise_t, yt)
+  assert chance < 0.45   # 4 classes: 0.25 expected
+  assert analysis.linear_probe_accuracy(noise, y, noise_t, yt) == chance
+  assert analysis.linear_probe_accuracy(x, np.zeros_like(y), xt, yt) is None  # one class
+
+
+def test_head_probes_tell_a_useful_head_from_a_useless_one_and_read_all_heads_together():
+  x, y = blobs(300, 8, 4, seed=4, separation=2.0)      # informative, not perfectly
+  xt, yt = blobs(200, 8, 4, seed=5, separation=2.0)
+  noise, noise_t = gaussian(300, 8, seed=6), gaussian(200, 8, seed=7)
+  per_head, together = analysis.head_probe_accuracies(
+      np.stack([x, noise]), y, np.stack([xt, noise_t]), yt)
+  assert per_head[0] > 0.6 and per_head[1] < 0.45
+  assert together >= per_head[0] - 0.05   # the useless head adds (almost) nothing
+  single, alone = analysis.head_probe_accuracies(x[None], y, xt[None], yt)
+  assert single == [per_head[0]] and alone == per_head[0]
+
+
+def tiny_multihead(num_heads=2):
+  model = models.create_multihead("seresnet_tiny", num_heads, 3, classifier="flatten_mlp",
+                                  hidden=8, dropout=0.0)
+  x = gaussian(6, 16, 16, 3, seed=12)
+  variables = model.init(jax.random.key(0), x)
+  return model, variables, x
+
+
+def test_ablating_a_constant_head_changes_nothing_and_ablating_a_live_one_does():
+  model, variables, x = tiny_multihead()
+  # Head 1 with every parameter 0 (its running means are 0) outputs the constant map 0.
+  params = dict(variables["params"], heads=jax.tree.map(lambda a: a.at[1].set(0.0),
+                                                         variables["params"]["heads"]))
+  variables = dict(variables, params=params)
+  mask = np.array([True] * 5 + [False])
+  logits, features, ablated = model.apply(variables, x, False, ablation_mask=mask)
+  assert ablated.shape == (2, 6, 3)
+  np.testing.assert_array_equal(np.asarray(features[1]), 0.0)
+  np.testing.assert_array_equal(np.asarray(ablated[1]), np.asarray(logits))  # zero drop
+  assert np.abs(np.asarray(ablated[0]) - np.asarray(logits)).max() > 1e-4
+  # The replacement is the mean over masked-in examples: a masked-out one does not move it.
+  other = x.copy()
+  other[5] = gaussian(16, 16, 3, seed=13) * 5
+  again = model.apply(variables, other, False, ablation_mask=mask)[2]
+  np.testing.assert_allclose(np.asarray(again[:, :5]), np.asarray(ablated[:, :5]), atol=1e-6)
+  # ... and a masked-in one does.
+  moved = model.apply(variables, other, False, ablation_mask=np.ones(6, bool))[2]
+  assert np.abs(np.asarray(moved[0, :5]) - np.asarray(ablated[0, :5])).max() > 1e-4
+  labels = np.argmax(np.asarray(logits), -1)   # the full model is right on every example
+  correct = (np.argmax(np.asarray(ablated), -1) == labels)[:, :5].sum(1)
+  accuracy = analysis.ablation_accuracies(correct, 5)
+  assert accuracy[1] == 1.0 and accuracy[0] <= 1.0
+  assert analysis.ablation_accuracies(correct[:1], 5) is None  # one head: nothing to ablate
+
+
+def test_the_eval_line_and_tensorboard_scalars_show_the_heads():
+  entry = dict(eval_accuracy=0.9, eval_head_cosine=0.0123, eval_head_cka=0.4567,
+               eval_head_ablation_drop=[0.092, 0.11], eval_head_probe_accuracy=[0.961, 0.958],
+               eval_probe_all_accuracy=0.975, eval_head_cka_matrix=[[1, 0.4], [0.4, 1]])
+  assert evaluation.console_line(entry) == (
+      "heads: cos 0.012, CKA 0.457, ablation drop 9.2/11.0 pts, probe 96.1/95.8% (all 97.5%)")
+  assert evaluation.console_line(dict(eval_accuracy=0.9, eval_head_cosine=None)) == ""
+  scalars = evaluation.scalars(dict(entry, eval_head_ablation_accuracy=None))
+  assert scalars["eval_head_probe_accuracy/1"] == 0.958
+  assert "eval_head_cka_matrix" not in scalars and "eval_head_ablation_accuracy" not in scalars

@@ -160,6 +160,34 @@ def test_eval_covers_every_example_once(raw_dc, count):
   assert sum(covered.values()) == 360 and max(covered.values()) == 1
 
 
+@pytest.mark.parametrize("count", [1, 2])
+def test_probe_examples_are_an_even_unaugmented_subset_of_train(raw_dc, count):
+  """side='train' with max_examples: every ceil(1437 / 100) = 15th stored training example of
+  each process's part, preprocessed as for evaluation, each once."""
+  results = [data.eval_batches(raw_dc, global_batch_size=16 * count, process_index=p,
+                               process_count=count, side="train", max_examples=100)
+             for p in range(count)]
+  got = collections.Counter()
+  for n, make in results:
+    batches = list(make())
+    assert len(batches) == n
+    got += ids(batches)
+  whole = ids(data.eval_batches(raw_dc, global_batch_size=1437, side="train",
+                                process_index=0, process_count=1)[1]())
+  assert sum(whole.values()) == 1437
+  assert 90 <= sum(got.values()) <= 100 and not got - whole   # real training images, no noise
+  labels = [label for label, _ in got.elements()]
+  assert set(labels) == set(range(10))   # spread over the split: every class is there
+  if count == 1:
+    everything = list(data.eval_batches(raw_dc, global_batch_size=1437, side="train",
+                                        process_index=0, process_count=1)[1]())[0]
+    strided = list(results[0][1]())
+    images = np.concatenate([b["image"][b["mask"]] for b in strided])
+    np.testing.assert_array_equal(images, everything["image"][::15])
+  with pytest.raises(data.DatasetError, match="side 'validation'; valid: train, eval"):
+    data.eval_batches(raw_dc, global_batch_size=8, side="validation")
+
+
 # --- TFDS data sets under tfds.testing.mock_data -------------------------------------------
 
 

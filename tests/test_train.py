@@ -45,6 +45,22 @@ def test_main_runs_the_digits_comparison_and_prints_three_accuracies(tmp_path, d
     assert 0.0 <= r["final_eval_accuracy"] <= 1.0 and r["train_images_per_s"] > 0
     assert np.array(r["eval_head_cosine_matrix"]).shape == (heads, heads)
     assert (r["history"][-1]["eval_head_cosine"] is None) == (heads == 1)
+    # the per-head measures: CKA and ablations at every eval, the probes at the last one only
+    first, last = r["history"]
+    cka = np.array(r["eval_head_cka_matrix"])
+    assert cka.shape == (heads, heads) and np.allclose(cka, cka.T)
+    assert np.all((cka >= -1e-6) & (cka <= 1 + 1e-6))
+    for h in r["history"]:
+      assert (h["eval_head_cka"] is None) == (heads == 1)
+      assert (h["eval_head_ablation_drop"] is None) == (heads == 1)
+      if heads > 1:
+        assert len(h["eval_head_ablation_accuracy"]) == heads
+        np.testing.assert_allclose(h["eval_head_ablation_drop"], [
+            h["eval_accuracy"] - a for a in h["eval_head_ablation_accuracy"]])
+      assert h["eval_time_s"] > 0
+    assert "eval_head_probe_accuracy" not in first
+    assert len(last["eval_head_probe_accuracy"]) == heads and last["eval_probe_examples"] == 1437
+    assert 0 <= last["eval_probe_all_accuracy"] <= 1 and last["eval_probe_time_s"] > 0
     assert f"{100 * r['final_eval_accuracy']:.2f}%" in table
     assert list((tmp_path / variant / "checkpoints").iterdir())
   single, multi = read_results(tmp_path / "single"), read_results(tmp_path / "multi")

@@ -106,21 +106,34 @@ def train_batches(dataset_config, *, global_batch_size: int, seed: int, start_st
 
 
 def eval_batches(dataset_config, *, global_batch_size: int,
-                 process_index: Optional[int] = None, process_count: Optional[int] = None
+                 process_index: Optional[int] = None, process_count: Optional[int] = None,
+                 side: str = "eval", max_examples: int = 0
                  ) -> Tuple[int, Callable[[], Iterator[dict]]]:
   """(num_batches, make_iterator) over the eval split, each example once over all processes.
 
   Each make_iterator() yields exactly num_batches local batches {"image", "label", "mask"};
   num_batches is equal on every process, so short shards are padded with mask=False zeros.
   Iterators of one call share a memory cache of the decoded split (EVAL_CACHE_MAX_BYTES).
+
+  `side="train"` reads the train split the same way (eval preprocessing: no augmentation), for
+  the heads' linear probes. `max_examples` > 0 keeps about that many examples, evenly spread
+  over the split's stored order (every ceil(size / max_examples)-th one, in each process's
+  part), so a split stored class by class still gives every class.
   """
   index, count, local_batch = _processes(global_batch_size, process_index, process_count)
+  if side not in ("train", "eval"):
+    raise DatasetError(f"side {side!r}; valid: train, eval")
+  max_examples = check_int(max_examples, "max_examples", 0)
   prep = Preprocess.from_config(dataset_config)
   view = open_view(dataset_config)
-  sizes = view.shard_sizes("eval", count, drop_remainder=False)
+  sizes = view.shard_sizes(side, count, drop_remainder=False)
+  stride = max(1, -(-sum(sizes) // max_examples)) if max_examples else 1
+  sizes = [-(-size // stride) for size in sizes]
   num_batches = -(-max(sizes) // local_batch)
 
-  ds = view.read("eval", index=index, count=count, drop_remainder=False, seed=None)
+  ds = view.read(side, index=index, count=count, drop_remainder=False, seed=None)
+  if stride > 1:
+    ds = ds.shard(stride, 0)
   ds = ds.map(lambda ex: {"image": prep.eval(view.encoded(ex["image"])),
                           "label": tf.cast(ex["label"], tf.int32),
                           "mask": tf.constant(True)},

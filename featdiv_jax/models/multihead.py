@@ -137,7 +137,10 @@ class MultiHeadNet(nn.Module):
   frozen_bn: str = "running"  # FROZEN_BN
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, ablation_mask=None):
+    """(logits, features); with `ablation_mask` (B,) also the (K, B, classes) logits of the
+    model with head k's map replaced by its mean over the batch's masked-in examples (the
+    classifier unchanged): what each head contributes (`featdiv_jax.analysis`)."""
     dtype = self.backbone.get("dtype", jnp.float32)
     frozen = None
     if self.frozen_heads:
@@ -186,17 +189,32 @@ class MultiHeadNet(nn.Module):
       features = jnp.where(frozen[:, None, None, None, None],
                            jax.lax.stop_gradient(features), features)
 
-    y = fuse(features, self.fusion)
-    if self.classifier == "flatten_mlp":
-      y = y.reshape(y.shape[0], -1)
-    else:
-      y = jnp.mean(y, axis=(1, 2))
-    if self.classifier != "pool_linear":
-      y = nn.Dense(self.hidden, dtype=dtype, name="hidden")(y)
-      y = nn.gelu(y, approximate=False)  # torch's nn.GELU default is the exact erf form
-      y = nn.Dropout(self.dropout, deterministic=not train)(y)
-    logits = nn.Dense(self.num_classes, dtype=dtype, name="fc")(y)
-    return logits.astype(jnp.float32), features
+    # One set of classifier layers, applied to the features and to each head ablation.
+    hidden = (nn.Dense(self.hidden, dtype=dtype, name="hidden")
+              if self.classifier != "pool_linear" else None)
+    dropout = nn.Dropout(self.dropout, deterministic=not train)
+    fc = nn.Dense(self.num_classes, dtype=dtype, name="fc")
+
+    def classify(maps):
+      y = fuse(maps, self.fusion)
+      if self.classifier == "flatten_mlp":
+        y = y.reshape(y.shape[0], -1)
+      else:
+        y = jnp.mean(y, axis=(1, 2))
+      if hidden is not None:
+        y = dropout(nn.gelu(hidden(y), approximate=False))  # torch's nn.GELU: the erf form
+      return fc(y).astype(jnp.float32)
+
+    logits = classify(features)
+    if ablation_mask is None:
+      return logits, features
+    weights = ablation_mask.astype(jnp.float32)
+    means = (jnp.einsum("kbhwc,b->khwc", features.astype(jnp.float32), weights)
+             / jnp.maximum(jnp.sum(weights), 1.0)).astype(features.dtype)
+    ablated = jnp.stack([
+        classify(features.at[k].set(jnp.broadcast_to(means[k], features.shape[1:])))
+        for k in range(self.num_heads)])
+    return logits, features, ablated
 
 
 def create_multihead(arch: str, num_heads: int, num_classes: int, *, fusion: str = "concat",
