@@ -12,15 +12,30 @@ the first directory):
 - `curves.png`: eval accuracy against epoch per variant (mean line, min-max band over seeds).
 - `diversity.png`: mean off-diagonal cosine between heads against epoch (multi vs multi_cos) and
   the final K x K head-cosine matrix, averaged over seeds, for each multi-head variant.
-- `report.md`: one table per (data set, protocol, arch), the paired multi_cos - multi comparison
-  across seeds (scipy.stats.ttest_rel), the paper's published numbers where the data set is one
-  of the paper's, and a closing "Missing / in progress" section.
+- `heads.png`: per (data set, protocol, arch) with multi-head runs, whether the heads learn
+  different, useful features: the final CKA between heads, each head's linear-probe accuracy
+  and each head's ablation drop, per row (mean ± std, dots = seeds).
+- `dose.png`, only where some group's multi_cos runs differ in penalty kind or weight: final
+  accuracy, head cosine and head CKA against the penalty weight (symlog; weight 0 is the multi
+  runs, shared by every kind), a line per kind.
+- `report.md`: per (data set, protocol, arch) a table, a "Heads" table of the per-head measures,
+  a "Dose" table where penalty settings differ, and the paired multi_cos - multi comparison
+  across seeds (scipy.stats.ttest_rel) on accuracy and on the head measures; the paper's
+  published numbers where the data set is one of the paper's; a "Parameter-matched" section
+  where a multi-head model of one arch has about the parameters of a single model of another
+  (the paper's two seresnet18 heads against one seresnet34); and a closing "Missing / in
+  progress" section.
 
 A run is (data set, protocol, arch, variant, seed), the protocol (configlib's `protocol`) read
 from results.json's config, "scratch" where an older file has none: a multi_cos trained from
 scratch and one whose head 0 came from a trained single run (pretrained_head) are different
 experiments, so they are never merged or paired, and each protocol gets its own sections
 (titled with the protocol where it is not scratch) and plot groups.
+
+Penalty settings are not pooled either: a multi_cos run's config.penalty (kind, weight) is part
+of its identity, and where the multi_cos runs of a group differ in it, each setting is its own
+row, labelled `multi_cos cka w=0.1`, paired with multi on its own; where they share one, the row
+is `multi_cos` as ever.
 
 Partial sweeps are fine: runs with `finished: false` are counted as running and kept out of the
 statistics (their current best is listed). A `sweep.json` at the top of a given directory lists
@@ -51,7 +66,11 @@ from featdiv_jax import files
 from featdiv_jax import sweepfile
 
 VARIANT_ORDER = ("single", "multi", "multi_cos")  # configlib.VARIANTS, without importing it
+PENALISED = "multi_cos"  # the variant whose runs may differ in penalty kind and weight
 COLORS = {"single": "tab:blue", "multi": "tab:orange", "multi_cos": "tab:green"}
+# For the rows of multi_cos split by penalty setting, in the order of their labels.
+SETTING_COLORS = ("tab:green", "tab:olive", "tab:cyan", "tab:purple", "tab:brown", "tab:pink",
+                  "tab:red", "tab:gray")
 ALPHA = 0.05  # significance level of the paired t-test
 PUBLISHED_LABEL = "published (paper's PyTorch code, single run)"
 SCRATCH = sweepfile.SCRATCH  # the protocol of a results.json whose config names none
@@ -83,8 +102,25 @@ PUBLISHED = {
 }
 PAPER_NAMES = {"cifar10": "CIFAR-10", "caltech101": "Caltech-101",
                "oxford_flowers102": "Flowers-102"}
+# The penalty (kind, weight) of the paper's "2 heads + cosine" (docs/reference.md): the one
+# multi_cos row split by setting that its published number is shown next to.
+PUBLISHED_PENALTY = ("cos", 1.0)
 
-FIGURES = ("comparison.png", "curves.png", "diversity.png")
+# The paired multi_cos - multi comparisons, each on a Run attribute: (its label in the paired
+# table, its words in a sentence). Every difference is in % points; CKA is scaled by 100 alike.
+PAIRED_METRICS = {
+    "best": ("best acc", "best accuracy"),
+    "final": ("final acc", "final accuracy"),
+    "final_head_cka": ("head CKA (×100)", "final head CKA ×100"),
+    "mean_head_probe": ("mean head probe acc", "mean head probe accuracy"),
+    "probe_all": ("all-heads probe acc", "all-heads probe accuracy"),
+    "mean_ablation_drop": ("mean ablation drop", "mean head ablation drop"),
+    "fused_gap": ("fused − best head", "fused − best single head probe gap"),
+}
+PARAMS_TOLERANCE = 0.2  # a multi-head and a single model are parameter-matched within ±20%
+
+FIGURES = ("comparison.png", "curves.png", "diversity.png", "heads.png")  # always written
+DOSE_FIGURE = "dose.png"  # written where some group has multi_cos rows split by setting
 DPI = 100
 
 
@@ -118,6 +154,16 @@ class Run:
   steps_per_epoch: Optional[int]
   smoke: bool = False
   protocol: str = SCRATCH  # part of the identity: the same seed under two protocols is two runs
+  # Per head: whether the heads learn different, useful features. None where a file (older,
+  # or of one head) has no value.
+  head_ckas: list = dataclasses.field(default_factory=list)  # per eval: mean off-diagonal CKA
+  head_probe: Optional[list] = None  # per head: probe accuracy, at the last eval with a probe
+  probe_all: Optional[float] = None  # the probe on all heads' features, at that eval
+  head_drops: Optional[list] = None  # per head: accuracy lost without its map, at the last eval
+  penalty_kind: Optional[str] = None  # config.penalty
+  penalty_weight: Optional[float] = None
+  # 'multi_cos cka w=0.1' where the multi_cos runs of its group differ in penalty (`label_rows`)
+  setting_label: Optional[str] = None
 
   @property
   def group(self) -> tuple:
@@ -125,15 +171,50 @@ class Run:
 
   @property
   def key(self) -> tuple:
-    return (self.dataset, self.protocol, self.arch, self.variant, self.seed)
+    """Its identity: (dataset, protocol, arch, variant, seed), and for a multi_cos run whose
+    config names a penalty, its kind and weight: two settings at one seed are two runs."""
+    setting = (self.penalty_kind, self.penalty_weight)
+    named = self.variant == PENALISED and setting != (None, None)
+    return (self.dataset, self.protocol, self.arch, self.variant, self.seed) + (
+        setting if named else ())
 
   @property
   def workdir(self) -> str:
     return os.path.dirname(self.path)
 
   @property
+  def arm(self) -> str:
+    """The label of its row in its group's table: the variant, or its setting_label."""
+    return self.setting_label or self.variant
+
+  @property
+  def arm_sort(self) -> tuple:
+    """Its row's place in the table: by variant, then penalty kind and weight."""
+    weight = -1.0 if self.penalty_weight is None else self.penalty_weight
+    return (variant_sort(self.variant), self.penalty_kind or "", weight)
+
+  @property
   def final_head_cosine(self) -> Optional[float]:
     return self.head_cosines[-1] if self.head_cosines else None
+
+  @property
+  def final_head_cka(self) -> Optional[float]:
+    return self.head_ckas[-1] if self.head_ckas else None
+
+  @property
+  def mean_head_probe(self) -> Optional[float]:
+    return float(np.mean(self.head_probe)) if self.head_probe else None
+
+  @property
+  def mean_ablation_drop(self) -> Optional[float]:
+    return float(np.mean(self.head_drops)) if self.head_drops else None
+
+  @property
+  def fused_gap(self) -> Optional[float]:
+    """The final accuracy of the whole model minus the best single head's probe accuracy."""
+    if self.final is None or not self.head_probe:
+      return None
+    return self.final - max(self.head_probe)
 
   def progress(self) -> str:
     """'step 300/1000 (epoch 3.0 of 10.0)'."""
@@ -177,7 +258,7 @@ class PairedComparison:
   """b - a on one metric in % points, paired by seed over finished runs."""
   a: str
   b: str
-  metric: str  # 'best' or 'final'
+  metric: str  # a key of PAIRED_METRICS: 'best', 'final', 'final_head_cka', ...
   seeds: tuple  # the paired seeds
   unpaired: tuple  # 'variant seed S (why)' for each seed left out of the pairing
   mean: Optional[float] = None  # of the differences
@@ -191,10 +272,23 @@ class PairedComparison:
     return len(self.seeds)
 
 
+class HeadMeasures(NamedTuple):
+  """A row's per-head measures over its finished runs (Run's fields of the same names), each a
+  MeanStd; accuracies and drops in %, CKA as it is."""
+  cka: MeanStd  # final mean off-diagonal CKA between heads
+  probe: tuple  # a MeanStd per head: probe accuracy
+  probe_all: MeanStd  # the probe on all heads' features
+  drops: tuple  # a MeanStd per head: ablation drop in points
+  gap: MeanStd  # final accuracy - the best head's probe accuracy, in points
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
-  """One variant's line in the table of a (dataset, arch). Accuracies in %."""
+  """One line in the table of a (dataset, protocol, arch): a variant's runs, or a multi_cos
+  penalty setting's where they differ (`label`). Accuracies in %."""
   variant: str
+  label: str  # the variant, or 'multi_cos cka w=0.1' (Run.setting_label)
+  setting: Optional[tuple]  # (penalty kind, weight) of a label that is a setting; None else
   heads: tuple  # the distinct num_heads of its runs
   params: tuple  # the distinct num_params of its runs
   best: MeanStd  # over finished runs
@@ -204,7 +298,8 @@ class Row:
   planned: Optional[int]  # None without a sweep.json
   running_runs: tuple  # kept out of the statistics
   images_per_s: Optional[float]  # mean over all found runs
-  head_cosine: Optional[float]  # at the last eval, mean over finished runs
+  head_cosine: MeanStd  # at the last eval, over finished runs
+  measures: HeadMeasures
   smoke: bool
   published: Optional[float]  # the paper's number for this variant and arch
 
@@ -218,8 +313,10 @@ class GroupSummary:
   """The report's section of one (dataset, protocol, arch)."""
   dataset: str
   arch: str
-  rows: tuple  # one Row per variant, in VARIANT_ORDER
-  paired: tuple  # PairedComparison of multi_cos - multi on best, then final accuracy
+  rows: tuple  # one Row per variant or setting, in VARIANT_ORDER, settings by kind and weight
+  # Per multi_cos row, where there is a multi row: the PairedComparisons of that row - multi on
+  # each of PAIRED_METRICS, in its order.
+  paired: tuple
   published: Optional[dict]  # PUBLISHED[dataset], where the data set is one of the paper's
   protocol: str = SCRATCH
 
@@ -235,7 +332,16 @@ class GroupSummary:
   @property
   def has_pair(self) -> bool:
     """Whether multi and multi_cos are both there, so that the paired comparison applies."""
-    return {"multi", "multi_cos"} <= {row.variant for row in self.rows}
+    return bool(self.paired)
+
+  @property
+  def dose(self) -> list:
+    """[(penalty kind, weight, Row)] where the group's multi_cos rows are split by setting:
+    the multi row at weight 0 (kind None: every kind's), then each setting; else []."""
+    settings = [(*row.setting, row) for row in self.rows if row.setting is not None]
+    if not settings:
+      return []
+    return [(None, 0.0, row) for row in self.rows if row.variant == "multi"] + settings
 
 
 # ----------------------------------------------------------------------------- loading
@@ -304,12 +410,23 @@ def _identity(data) -> tuple:
   return config, dataset, protocol, arch, variant, seed
 
 
-def _history(data, steps_per_epoch: Optional[int]) -> tuple:
-  """(epochs, eval accuracies, eval head cosines) from a parsed results.json's history."""
+def _numbers(x, name: str) -> Optional[list]:
+  """A non-empty list of finite numbers as floats, or None; ValueError when it is neither."""
+  if x is None:
+    return None
+  if not isinstance(x, list) or not x or None in x:
+    raise ValueError(f"{name} is {x!r}, not a list of numbers")
+  return [_number(v, f"{name}[{i}]") for i, v in enumerate(x)]
+
+
+def _history(data, steps_per_epoch: Optional[int]) -> dict:
+  """The Run fields read from a parsed results.json's history: per eval the epoch, accuracy,
+  head cosine and head CKA; the per-head probe accuracies of the last eval with a probe and the
+  ablation drops of the last eval."""
   history = data.get("history", [])
   if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
     raise ValueError("history is not a list of objects")
-  epochs, accuracies, cosines = [], [], []
+  fields = dict(epochs=[], accuracies=[], head_cosines=[], head_ckas=[])
   for i, entry in enumerate(history):
     accuracy = _number(entry.get("eval_accuracy"), f"history[{i}].eval_accuracy")
     if accuracy is None:
@@ -318,10 +435,33 @@ def _history(data, steps_per_epoch: Optional[int]) -> tuple:
     if epoch is None:  # older files: the epoch from the step
       step = _number(entry.get("step"), f"history[{i}].step") or 0
       epoch = step / steps_per_epoch if steps_per_epoch else step
-    epochs.append(epoch)
-    accuracies.append(accuracy)
-    cosines.append(_number(entry.get("eval_head_cosine"), f"history[{i}].eval_head_cosine"))
-  return epochs, accuracies, cosines
+    fields["epochs"].append(epoch)
+    fields["accuracies"].append(accuracy)
+    for field, key in (("head_cosines", "eval_head_cosine"), ("head_ckas", "eval_head_cka")):
+      fields[field].append(_number(entry.get(key), f"history[{i}].{key}"))
+  probed = [i for i, entry in enumerate(history)
+            if entry.get("eval_head_probe_accuracy") is not None]
+  if probed:
+    i = probed[-1]
+    fields["head_probe"] = _numbers(history[i]["eval_head_probe_accuracy"],
+                                    f"history[{i}].eval_head_probe_accuracy")
+    fields["probe_all"] = _number(history[i].get("eval_probe_all_accuracy"),
+                                  f"history[{i}].eval_probe_all_accuracy")
+  if history:
+    fields["head_drops"] = _numbers(history[-1].get("eval_head_ablation_drop"),
+                                    f"history[{len(history) - 1}].eval_head_ablation_drop")
+  return fields
+
+
+def _penalty(config: dict) -> tuple:
+  """(kind, weight) of config.penalty; None for what it does not name (older files)."""
+  penalty = config.get("penalty", {})
+  if not isinstance(penalty, dict):
+    raise ValueError(f"config.penalty is {penalty!r}, not an object")
+  kind = penalty.get("kind")
+  if not isinstance(kind, (str, type(None))):
+    raise ValueError(f"config.penalty.kind is {kind!r}, not a string")
+  return kind, _number(penalty.get("weight"), "config.penalty.weight")
 
 
 def _head_cosine_matrix(data) -> Optional[list]:
@@ -337,16 +477,18 @@ def parse_results(data, path: str) -> Run:
   """A Run from a parsed results.json; ValueError (with the reason) when it is not one."""
   config, dataset, protocol, arch, variant, seed = _identity(data)
   steps_per_epoch = _number(data.get("steps_per_epoch"), "steps_per_epoch", int)
-  epochs, accuracies, cosines = _history(data, steps_per_epoch)
+  history = _history(data, steps_per_epoch)
+  accuracies = history["accuracies"]
   best = _number(data.get("best_eval_accuracy"), "best_eval_accuracy")
   final = _number(data.get("final_eval_accuracy"), "final_eval_accuracy")
   heads = config.get("model", {}).get("num_heads")
+  penalty_kind, penalty_weight = _penalty(config)
   return Run(
       path=path, dataset=dataset, protocol=protocol, arch=arch, variant=variant, seed=seed,
       num_heads=None if heads is None else int(heads), finished=bool(data.get("finished")),
       best=best if best is not None else max(accuracies, default=None),
       final=final if final is not None else (accuracies[-1] if accuracies else None),
-      epochs=epochs, accuracies=accuracies, head_cosines=cosines,
+      **history, penalty_kind=penalty_kind, penalty_weight=penalty_weight,
       head_cosine_matrix=_head_cosine_matrix(data),
       num_params=_number(data.get("num_params"), "num_params", int),
       images_per_s=_number(data.get("train_images_per_s"), "train_images_per_s"),
@@ -391,19 +533,50 @@ def load_runs(paths, warn: Callable[[str], None]) -> list:
            f"{'/'.join(map(str, run.key))}; using {keep.path}")
       run = keep
     by_key[run.key] = run
-  return sorted(by_key.values(), key=lambda r: (group_sort(r.group), variant_sort(r.variant),
+  runs = sorted(by_key.values(), key=lambda r: (group_sort(r.group), variant_sort(r.variant),
                                                 _seed_sort(r.seed)))
+  label_rows(runs)
+  return runs
+
+
+def setting_label(variant: str, kind: Optional[str], weight: Optional[float]) -> str:
+  """'multi_cos cka w=0.1' (the weight as the sweep's workdirs write it), leaving out what is
+  None."""
+  return " ".join([variant] + ([kind] if kind else [])
+                  + ([] if weight is None else [f"w={sweepfile.format_weight(weight)}"]))
+
+
+def label_rows(runs: list) -> None:
+  """Sets the setting_label of the multi_cos runs of every group whose multi_cos runs differ in
+  penalty (kind, weight), so that each setting is a row of its own; clears it elsewhere."""
+  for group in {r.group for r in runs}:
+    penalised = [r for r in runs if r.group == group and r.variant == PENALISED]
+    split = len({(r.penalty_kind, r.penalty_weight) for r in penalised}) > 1
+    for r in penalised:
+      r.setting_label = (setting_label(r.variant, r.penalty_kind, r.penalty_weight) if split
+                         else None)
+
+
+def arms_of(runs: list, variants=()) -> list:
+  """The row labels (Run.arm) of `runs`, and `variants` that none of them has, in table order."""
+  found = {r.variant for r in runs}
+  sort_of = {v: (variant_sort(v), "", -1.0) for v in variants if v not in found}
+  sort_of.update({r.arm: r.arm_sort for r in runs})
+  return sorted(sort_of, key=sort_of.get)
 
 
 def is_done_by(planned: sweepfile.PlannedRun, run: Run) -> bool:
   """A planned run is done by `run` when its protocol and every one of dataset/arch/variant/seed
   it names agree (or, naming none of these, when `run` lives in its workdir): a scratch result
-  does not do a planned pretrained_head run, nor the other way round."""
+  does not do a planned pretrained_head run, nor the other way round. A run the sweep's penalty
+  axes planned (naming a kind and weight) is done only by a result of that config.penalty."""
   wanted = (planned.dataset, planned.arch, planned.variant, planned.seed)
   if any(value is not None for value in wanted):
     return planned.protocol == run.protocol and all(
         value is None or value == actual
-        for value, actual in zip(wanted, (run.dataset, run.arch, run.variant, run.seed)))
+        for value, actual in zip(wanted + (planned.kind, planned.weight),
+                                 (run.dataset, run.arch, run.variant, run.seed,
+                                  run.penalty_kind, run.penalty_weight)))
   workdir = os.path.realpath(planned.workdir)
   here = os.path.realpath(run.workdir)
   return here == workdir or here.startswith(workdir + os.sep)
@@ -414,7 +587,9 @@ def missing_runs(runs, plan: Optional[list]) -> list:
   without a plan, within each (dataset, protocol, arch) a variant lacking a seed that another
   has."""
   if plan is not None:
-    return [MissingRun(**dataclasses.asdict(planned), source=PLANNED) for planned in plan
+    fields = {field.name for field in dataclasses.fields(MissingRun)}  # not the penalty's
+    return [MissingRun(**{k: v for k, v in dataclasses.asdict(planned).items() if k in fields},
+                       source=PLANNED) for planned in plan
             if not any(is_done_by(planned, run) for run in runs)]
   missing = []
   for group in sorted({r.group for r in runs}, key=group_sort):
@@ -443,10 +618,10 @@ def mean_std(values) -> MeanStd:
 
 
 def _pair_by_seed(runs, group: tuple, metric: str, a: str, b: str) -> tuple:
-  """([(seed, a's metric in %, b's metric in %)], ['variant seed S (why)' per seed left out])
-  over the seeds of `group` that either variant has."""
-  def by_seed(variant):
-    return {r.seed: r for r in runs if r.group == group and r.variant == variant}
+  """([(seed, a's metric in %, b's metric in %)], ['row seed S (why)' per seed left out])
+  over the seeds of `group` that either row (Run.arm) has."""
+  def by_seed(arm):
+    return {r.seed: r for r in runs if r.group == group and r.arm == arm}
   runs_a, runs_b = by_seed(a), by_seed(b)
   pairs, unpaired = [], []
   for seed in sorted(set(runs_a) | set(runs_b), key=_seed_sort):
@@ -467,7 +642,7 @@ def _pair_by_seed(runs, group: tuple, metric: str, a: str, b: str) -> tuple:
 def _paired_test(untested: PairedComparison, values_a, values_b) -> PairedComparison:
   """`untested` with the statistics of values_b - values_a, or the reason there is no test."""
   if not len(values_a):
-    return dataclasses.replace(untested, reason="no seed with finished runs of both")
+    return dataclasses.replace(untested, reason="no seed with finished runs of both that have it")
   diffs = values_b - values_a
   result = dataclasses.replace(untested, mean=float(diffs.mean()))
   if len(diffs) < 2:
@@ -482,9 +657,10 @@ def _paired_test(untested: PairedComparison, values_a, values_b) -> PairedCompar
 
 def paired_comparison(runs, group: tuple, metric: str, a: str = "multi",
                       b: str = "multi_cos") -> PairedComparison:
-  """b - a on `metric` ('best' or 'final', in % points), paired by seed over finished runs of
-  `group` (dataset, protocol, arch), with a paired t-test where one is possible. A (dataset,
-  arch) pair, as groups were before protocols, names the scratch group."""
+  """b - a on `metric` (a key of PAIRED_METRICS, in % points), paired by seed over finished runs
+  of `group` (dataset, protocol, arch), with a paired t-test where one is possible; a and b are
+  row labels (Run.arm: a variant, or a multi_cos setting). A (dataset, arch) pair, as groups
+  were before protocols, names the scratch group."""
   if len(group) == 2:
     group = (group[0], SCRATCH, group[1])
   pairs, unpaired = _pair_by_seed(runs, group, metric, a, b)
@@ -494,53 +670,85 @@ def paired_comparison(runs, group: tuple, metric: str, a: str = "multi",
                       np.array([y for _, _, y in pairs]))
 
 
-def summarize(group: tuple, variant: str, runs: list, planned: Optional[int]) -> Row:
-  """The table row of `variant` in `group` (dataset, protocol, arch), from that variant's runs.
-  `published` is the paper's number for the variant and arch, whatever the protocol (the table
-  labels it with PUBLISHED_PROTOCOL where that is not the group's)."""
+def percent(values) -> MeanStd:
+  """mean_std of fractions, in %."""
+  return mean_std([100 * v for v in values if v is not None])
+
+
+def per_head(lists) -> tuple:
+  """A MeanStd (in %) per head over runs' per-head lists of fractions (None: the run has none)."""
+  lists = [values for values in lists if values]
+  return tuple(percent([values[k] for values in lists if k < len(values)])
+               for k in range(max(map(len, lists), default=0)))
+
+
+def head_measures(finished: list) -> HeadMeasures:
+  return HeadMeasures(cka=mean_std([r.final_head_cka for r in finished]),
+                      probe=per_head([r.head_probe for r in finished]),
+                      probe_all=percent([r.probe_all for r in finished]),
+                      drops=per_head([r.head_drops for r in finished]),
+                      gap=percent([r.fused_gap for r in finished]))
+
+
+def summarize(group: tuple, label: str, runs: list, planned: Optional[dict]) -> Row:
+  """The table row `label` in `group` (dataset, protocol, arch), from its runs (Run.arm ==
+  label; a row with none is a planned variant); `planned`: `_planned_counts`, None without a
+  sweep.json. `published` is the paper's number for the variant and arch, whatever the protocol
+  (the table labels it with PUBLISHED_PROTOCOL where that is not the group's), and for a
+  multi_cos setting only where that setting is the paper's."""
   dataset, _, arch = group
+  variant = runs[0].variant if runs else label
+  setting = (runs[0].penalty_kind, runs[0].penalty_weight) if label != variant else None
   finished = [r for r in runs if r.finished]
+  published = PUBLISHED.get(dataset, {}).get((variant, arch))
   return Row(
-      variant=variant,
+      variant=variant, label=label, setting=setting,
       heads=tuple(sorted({r.num_heads for r in runs if r.num_heads is not None})),
       params=tuple(sorted({r.num_params for r in runs if r.num_params is not None})),
-      best=mean_std([100 * r.best for r in finished if r.best is not None]),
-      final=mean_std([100 * r.final for r in finished if r.final is not None]),
-      finished=len(finished), found=len(runs), planned=planned,
+      best=percent([r.best for r in finished]),
+      final=percent([r.final for r in finished]),
+      finished=len(finished), found=len(runs),
+      planned=None if planned is None else planned.get(group + (variant,) + (setting or ())),
       running_runs=tuple(r for r in runs if not r.finished),
       images_per_s=mean_std([r.images_per_s for r in runs]).mean,
-      head_cosine=mean_std([r.final_head_cosine for r in finished]).mean,
+      head_cosine=mean_std([r.final_head_cosine for r in finished]),
+      measures=head_measures(finished),
       smoke=any(r.smoke for r in runs),
-      published=PUBLISHED.get(dataset, {}).get((variant, arch)))
+      published=published if setting in (None, PUBLISHED_PENALTY) else None)
 
 
 def _planned_counts(plan: list) -> dict:
   """{(dataset, protocol, arch, variant): number of planned runs}, over the planned runs naming
-  dataset, arch and variant (the protocol always has a value)."""
+  dataset, arch and variant (the protocol always has a value); and {(dataset, protocol, arch,
+  variant, kind, weight): number} over those that also name a penalty kind and weight (the
+  sweep's penalty axes), for the multi_cos rows split by setting."""
   counts = {}
   for planned in plan:
     key = (planned.dataset, planned.protocol, planned.arch, planned.variant)
-    if None not in key:
-      counts[key] = counts.get(key, 0) + 1
+    for k in (key, key + (planned.kind, planned.weight)):
+      if None not in k:
+        counts[k] = counts.get(k, 0) + 1
   return counts
 
 
 def aggregate(runs, plan: Optional[list] = None) -> list:
   """The report's table: a GroupSummary per (dataset, protocol, arch), sorted (`group_sort`),
-  with a Row per variant found or planned (`plan`: PlannedRuns, or None without a sweep.json)."""
+  with a Row per variant (or multi_cos setting) found or planned (`plan`: PlannedRuns, or None
+  without a sweep.json)."""
   planned = _planned_counts(plan or [])
   table = []
   for group in sorted({r.group for r in runs} | {key[:3] for key in planned}, key=group_sort):
     members = [r for r in runs if r.group == group]
-    variants = sorted({r.variant for r in members}
-                      | {key[3] for key in planned if key[:3] == group}, key=variant_sort)
-    rows = tuple(summarize(group, v, [r for r in members if r.variant == v],
-                           planned.get(group + (v,)) if plan is not None else None)
-                 for v in variants)
+    rows = [summarize(group, label, [r for r in members if r.arm == label],
+                      planned if plan is not None else None)
+            for label in arms_of(members, [key[3] for key in planned if key[:3] == group])]
     dataset, protocol, arch = group
+    has_multi = any(row.variant == "multi" for row in rows)
     table.append(GroupSummary(
-        dataset=dataset, protocol=protocol, arch=arch, rows=rows,
-        paired=tuple(paired_comparison(runs, group, metric) for metric in ("best", "final")),
+        dataset=dataset, protocol=protocol, arch=arch, rows=tuple(rows),
+        paired=tuple(tuple(paired_comparison(runs, group, metric, b=row.label)
+                           for metric in PAIRED_METRICS)
+                     for row in rows if row.variant == PENALISED and has_multi),
         published=PUBLISHED.get(dataset)))
   return table
 
@@ -593,20 +801,40 @@ def _legend_once(shown: set, key: str, label: str) -> Optional[str]:
   return label
 
 
-def _plot_variant(ax, x: float, width: float, row: Row, members: list, shown: set) -> None:
-  """One variant of one group at `x`: mean ± std marker, a dot per seed, the published star."""
-  color = COLORS.get(row.variant, "tab:gray")
-  mean, std, _ = row.best
-  label = _legend_once(shown, row.variant, row.variant)
-  if mean is not None:  # a mean marker, not a bar: the differences are fractions of a point
-    ax.errorbar(x, mean, yerr=std, fmt="_", markersize=22, markeredgewidth=2.5, color=color,
-                ecolor="black", elinewidth=1, capsize=4, label=label, zorder=2)
-  offsets = np.linspace(-width / 4, width / 4, len(members)) if len(members) > 1 else [0.0]
-  for run, offset in zip(members, offsets):
-    running = not run.finished
-    ax.scatter(x + offset, 100 * run.best, s=14, zorder=3, edgecolors="black", linewidths=0.6,
-               facecolors="none" if running else color,
-               label=_legend_once(shown, "running", "seed, still running") if running else None)
+def arm_colors(labels) -> dict:
+  """{row label: color}: a variant's own color, and SETTING_COLORS (cycled) for the multi_cos
+  rows split by setting, in the order of their labels, so that every figure agrees."""
+  settings = sorted({label for label in labels if label not in COLORS})
+  return {label: COLORS.get(label) or SETTING_COLORS[settings.index(label) % len(SETTING_COLORS)]
+          for label in labels}
+
+
+def _mean_marker(ax, x: float, stat: MeanStd, color, label: Optional[str]) -> None:
+  """A mean ± std marker (no std for n=1). A marker, not a bar: differences are fractions of
+  a point."""
+  if stat.mean is not None:
+    ax.errorbar(x, stat.mean, yerr=stat.std, fmt="_", markersize=22, markeredgewidth=2.5,
+                color=color, ecolor="black", elinewidth=1, capsize=4, label=label, zorder=2)
+
+
+def _seed_dots(ax, x: float, width: float, values: list, color, hollow=None, label=None) -> None:
+  """A dot per seed, spread over `width` around x; `hollow`: per value, whether to draw it
+  hollow, and then `label` goes on the first hollow one."""
+  hollow = hollow or [False] * len(values)
+  offsets = np.linspace(-width / 4, width / 4, len(values)) if len(values) > 1 else [0.0]
+  for value, offset, empty in zip(values, offsets, hollow):
+    ax.scatter(x + offset, value, s=14, zorder=3, edgecolors="black", linewidths=0.6,
+               facecolors="none" if empty else color, label=label if empty else None)
+    label = None if empty else label
+
+
+def _plot_variant(ax, x: float, width: float, row: Row, members: list, shown: set,
+                  color) -> None:
+  """One row of one group at `x`: mean ± std marker, a dot per seed, the published star."""
+  _mean_marker(ax, x, row.best, color, _legend_once(shown, row.label, row.label))
+  running = [not run.finished for run in members]
+  _seed_dots(ax, x, width, [100 * run.best for run in members], color, running,
+             _legend_once(shown, "running", "seed, still running") if any(running) else None)
   if row.published is not None:
     ax.scatter(x, row.published, marker="*", s=60, color="black", zorder=4,
                label=_legend_once(shown, "published",
@@ -614,43 +842,49 @@ def _plot_variant(ax, x: float, width: float, row: Row, members: list, shown: se
 
 
 def plot_comparison(table: list, runs: list, path: str) -> None:
-  """Best test accuracy per variant, grouped by (dataset, protocol, arch): mean, std, seeds,
+  """Best test accuracy per row, grouped by (dataset, protocol, arch): mean, std, seeds,
   published.
 
   The y axis is scaled to the data (it does not start at 0), as the accuracies of the variants
   usually differ by less than a point."""
   fig, ax = plt.subplots(figsize=(min(16, 2.5 + 2.2 * max(1, len(table))), 3.6), dpi=DPI)
+  colors = arm_colors([row.label for group in table for row in group.rows])
   shown = set()  # the kinds of mark already in the legend
   for group_index, group in enumerate(table):
     width = 0.8 / max(1, len(group.rows))
     for variant_index, row in enumerate(group.rows):
-      members = [r for r in runs if r.group == group.key and r.variant == row.variant
+      members = [r for r in runs if r.group == group.key and r.arm == row.label
                  and r.best is not None]
       _plot_variant(ax, group_index - 0.4 + width * (variant_index + 0.5), width, row, members,
-                    shown)
+                    shown, colors[row.label])
   ax.set_xticks(range(len(table)))
   ax.set_xticklabels([group_title(group.key, sep="\n") for group in table], fontsize=8)
   ax.set_ylabel("best test accuracy (%)")
   ax.set_title("Best test accuracy: mean ± std, dots = seeds", fontsize=9)
   ax.grid(axis="y", alpha=0.3)
-  if shown:
+  if len(shown) > 5:  # rows split by penalty setting: beside the axes, not over the marks
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width + 3.5, height)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  elif shown:
     ax.legend(fontsize=7, loc="best")
   _save(fig, path)
 
 
 def plot_curves(runs: list, path: str) -> None:
   """Eval accuracy against epoch: one panel per (dataset, protocol, arch), one line + band per
-  variant."""
+  row."""
   groups = sorted({r.group for r in runs}, key=group_sort)
+  colors = arm_colors(arms_of(runs))
   fig, axes = _panel_grid(len(groups))
   for ax, group in zip(axes, groups):
     members = [r for r in runs if r.group == group]
-    for variant in sorted({r.variant for r in members}, key=variant_sort):
-      evaluated = [r for r in members if r.variant == variant and r.accuracies]
+    for arm in arms_of(members):
+      evaluated = [r for r in members if r.arm == arm and r.accuracies]
       n_running = sum(not r.finished for r in evaluated)
-      label = f"{variant} (n={len(evaluated)}{f', {n_running} running' if n_running else ''})"
-      _line_with_band(ax, [(r.epochs, r.accuracies) for r in evaluated], label,
-                      COLORS.get(variant, "tab:gray"), scale=100)
+      label = f"{arm} (n={len(evaluated)}{f', {n_running} running' if n_running else ''})"
+      _line_with_band(ax, [(r.epochs, r.accuracies) for r in evaluated], label, colors[arm],
+                      scale=100)
     ax.set_title(group_title(group), fontsize=9)
     ax.set_xlabel("epoch")
     ax.set_ylabel("eval accuracy (%)")
@@ -660,10 +894,9 @@ def plot_curves(runs: list, path: str) -> None:
   _save(fig, path)
 
 
-def _multihead_variants(members: list) -> list:
-  return sorted({r.variant for r in members
-                 if (r.num_heads or 1) > 1 or any(c is not None for c in r.head_cosines)},
-                key=variant_sort)
+def _multihead_arms(members: list) -> list:
+  return arms_of([r for r in members
+                  if (r.num_heads or 1) > 1 or any(c is not None for c in r.head_cosines)])
 
 
 def mean_matrix(members: list) -> tuple:
@@ -680,12 +913,12 @@ def mean_matrix(members: list) -> tuple:
   return np.mean(matrices, axis=0), len(matrices), ("finished" if finished else "running")
 
 
-def _plot_head_cosines(ax, group: tuple, members: list, variants: list) -> None:
-  """Mean cosine between heads against epoch, a line + band per multi-head variant."""
-  for variant in variants:
-    of_variant = [r for r in members if r.variant == variant]
-    _line_with_band(ax, [(r.epochs, r.head_cosines) for r in of_variant],
-                    f"{variant} (n={len(of_variant)})", COLORS.get(variant, "tab:gray"))
+def _plot_head_cosines(ax, group: tuple, members: list, arms: list, colors: dict) -> None:
+  """Mean cosine between heads against epoch, a line + band per multi-head row."""
+  for arm in arms:
+    of_arm = [r for r in members if r.arm == arm]
+    _line_with_band(ax, [(r.epochs, r.head_cosines) for r in of_arm],
+                    f"{arm} (n={len(of_arm)})", colors[arm])
   ax.set_title(f"{group_title(group)}: mean cosine between heads", fontsize=9)
   ax.set_xlabel("epoch")
   ax.set_ylabel("eval head cosine")
@@ -693,8 +926,8 @@ def _plot_head_cosines(ax, group: tuple, members: list, variants: list) -> None:
   ax.legend(fontsize=7)
 
 
-def _plot_matrix(fig, ax, variant: str, members: list) -> None:
-  """The variant's final K x K head-cosine matrix, averaged over runs, as a heatmap."""
+def _plot_matrix(fig, ax, arm: str, members: list) -> None:
+  """The row's final K x K head-cosine matrix, averaged over runs, as a heatmap."""
   matrix, n, note = mean_matrix(members)
   if matrix is None:
     ax.axis("off")
@@ -710,49 +943,160 @@ def _plot_matrix(fig, ax, variant: str, members: list) -> None:
   ax.set_yticks(range(num_heads))
   ax.set_xlabel("head")
   ax.set_ylabel("head")
-  ax.set_title(f"{variant}: final head cosine (mean of {n} {note})", fontsize=8)
+  ax.set_title(f"{arm}:\nfinal head cosine (mean of {n} {note})", fontsize=8)
   fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
 
 
-def _no_multihead_figure(path: str) -> None:
+def _no_multihead_figure(path: str, what: str) -> None:
   fig, ax = plt.subplots(figsize=(4, 2), dpi=DPI)
   ax.axis("off")
-  ax.text(0.5, 0.5, "no multi-head runs: no head cosine to show", ha="center", va="center")
+  ax.text(0.5, 0.5, f"no multi-head runs: no {what} to show", ha="center", va="center")
   _save(fig, path)
+
+
+def _multihead_groups(runs: list) -> tuple:
+  """([(dataset, protocol, arch) with multi-head runs], {group: its runs})."""
+  members_of = {group: [r for r in runs if r.group == group] for group in {r.group for r in runs}}
+  return ([group for group in sorted(members_of, key=group_sort)
+           if _multihead_arms(members_of[group])], members_of)
 
 
 def plot_diversity(runs: list, path: str) -> None:
   """Per (dataset, protocol, arch) with multi-head runs: head cosine vs epoch, and the mean
-  final matrix of each multi-head variant as a heatmap."""
-  members_of = {group: [r for r in runs if r.group == group] for group in {r.group for r in runs}}
-  variants_of = {group: _multihead_variants(members) for group, members in members_of.items()}
-  groups = [group for group in sorted(members_of, key=group_sort) if variants_of[group]]
+  final matrix of each multi-head row as a heatmap."""
+  groups, members_of = _multihead_groups(runs)
   if not groups:
-    _no_multihead_figure(path)
+    _no_multihead_figure(path, "head cosine")
     return
-  n_variants = max(len(variants_of[group]) for group in groups)
-  fig, axes = plt.subplots(len(groups), 1 + n_variants,
-                           figsize=(4 + 3.2 * n_variants, 3 * len(groups)), dpi=DPI,
-                           squeeze=False)
+  arms_of_group = {group: _multihead_arms(members_of[group]) for group in groups}
+  colors = arm_colors(arms_of(runs))
+  n_arms = max(map(len, arms_of_group.values()))
+  fig, axes = plt.subplots(len(groups), 1 + n_arms,
+                           figsize=(4 + 3.2 * n_arms, 3 * len(groups)), dpi=DPI, squeeze=False)
   for row_axes, group in zip(axes, groups):
-    members, variants = members_of[group], variants_of[group]
-    _plot_head_cosines(row_axes[0], group, members, variants)
-    for ax in row_axes[1 + len(variants):]:
+    members, arms = members_of[group], arms_of_group[group]
+    _plot_head_cosines(row_axes[0], group, members, arms, colors)
+    for ax in row_axes[1 + len(arms):]:
       ax.axis("off")
-    for ax, variant in zip(row_axes[1:], variants):
-      _plot_matrix(fig, ax, variant, [r for r in members if r.variant == variant])
+    for ax, arm in zip(row_axes[1:], arms):
+      _plot_matrix(fig, ax, arm, [r for r in members if r.arm == arm])
+  _save(fig, path)
+
+
+# The panels of heads.png: (title, y label, the values of a finished run: a list, one per head,
+# or None; whether the values are per head).
+HEAD_PANELS = (
+    ("final CKA between heads", "head CKA",
+     lambda r: None if r.final_head_cka is None else [r.final_head_cka], False),
+    ("linear probe on each head", "probe accuracy (%)",
+     lambda r: r.head_probe and [100 * v for v in r.head_probe], True),
+    ("accuracy lost without each head", "ablation drop (points)",
+     lambda r: r.head_drops and [100 * v for v in r.head_drops], True),
+)
+
+
+def _plot_head_panel(ax, members: list, colors: dict, panel: tuple) -> None:
+  """One panel of heads.png: per row of the group (and per head), mean ± std and the seeds."""
+  title, ylabel, values_of, by_head = panel
+  ticks, tick_labels, x = [], [], 0.0
+  for arm in arms_of(members):
+    lists = [values_of(r) for r in members if r.arm == arm]
+    lists = [values for values in lists if values]
+    for k in range(max(map(len, lists), default=0)):
+      values = [values[k] for values in lists if k < len(values)]
+      _mean_marker(ax, x, mean_std(values), colors[arm], None if k else arm)
+      _seed_dots(ax, x, 0.6, values, colors[arm])
+      ticks.append(x)
+      tick_labels.append(f"h{k}" if by_head else arm)
+      x += 1.0
+    x += 0.5 if lists else 0.0  # a gap between rows
+  ax.set_xticks(ticks)
+  ax.set_xticklabels(tick_labels, fontsize=7, rotation=0 if by_head else 20)
+  ax.set_title(title, fontsize=9)
+  ax.set_ylabel(ylabel)
+  ax.grid(axis="y", alpha=0.3)
+  if ticks:
+    ax.legend(fontsize=6)
+  else:
+    ax.text(0.5, 0.5, "no values in these runs", ha="center", va="center",
+            transform=ax.transAxes)
+
+
+def plot_heads(runs: list, path: str) -> None:
+  """Per (dataset, protocol, arch) with multi-head runs, over its finished runs: the final CKA
+  between heads, each head's probe accuracy and each head's ablation drop, per row."""
+  groups, members_of = _multihead_groups(runs)
+  if not groups:
+    _no_multihead_figure(path, "head measures")
+    return
+  colors = arm_colors(arms_of(runs))
+  fig, axes = plt.subplots(len(groups), len(HEAD_PANELS), squeeze=False, dpi=DPI,
+                           figsize=(4.5 * len(HEAD_PANELS), 3.2 * len(groups)))
+  for row_axes, group in zip(axes, groups):
+    finished = [r for r in members_of[group] if r.finished]
+    for ax, panel in zip(row_axes, HEAD_PANELS):
+      _plot_head_panel(ax, finished, colors, panel)
+    row_axes[0].set_title(f"{group_title(group)}: {HEAD_PANELS[0][0]}", fontsize=9)
+  fig.suptitle("Heads: mean ± std over finished seeds, dots = seeds", fontsize=9)
+  _save(fig, path)
+
+
+# The panels of dose.png and the columns of the Dose table: (title, the Row's MeanStd, format).
+DOSE_MEASURES = (("final acc (%)", lambda row: row.final, ".2f"),
+                 ("final head cos", lambda row: row.head_cosine, ".3f"),
+                 ("final head CKA", lambda row: row.measures.cka, ".3f"))
+
+
+def plot_dose(table: list, path: str) -> None:
+  """Per group whose multi_cos rows are split by setting: each of DOSE_MEASURES against the
+  penalty weight (symlog, so that 0 shows), a line per kind, error bars = std over seeds."""
+  groups = [group for group in table if group.dose]
+  fig, axes = plt.subplots(len(groups), len(DOSE_MEASURES), squeeze=False, dpi=DPI,
+                           figsize=(4.5 * len(DOSE_MEASURES), 3.2 * len(groups)))
+  for row_axes, group in zip(axes, groups):
+    kinds = sorted({kind for kind, _, _ in group.dose if kind is not None})
+    weights = [w for _, w, _ in group.dose if w]
+    for ax, (title, stat_of, _) in zip(row_axes, DOSE_MEASURES):
+      for kind in kinds:
+        points = sorted(((w, stat_of(row)) for k, w, row in group.dose
+                         if k in (None, kind) and w is not None and stat_of(row).n),
+                        key=lambda point: point[0])
+        if points:
+          ax.errorbar([w for w, _ in points], [stat.mean for _, stat in points],
+                      yerr=[stat.std or 0.0 for _, stat in points], marker="o", capsize=3,
+                      label=kind)
+      ax.set_xscale("symlog", linthresh=min(weights, default=1.0))
+      ax.set_xlabel("penalty weight (0 = multi)")
+      ax.set_title(f"{group_title(group.key)}: {title}", fontsize=9)
+      ax.grid(alpha=0.3)
+      if kinds:
+        ax.legend(fontsize=7, title="kind", title_fontsize=7)
+  fig.suptitle("Dose: mean ± std over finished seeds", fontsize=9)
   _save(fig, path)
 
 
 # ----------------------------------------------------------------------------- markdown
 
 
-def fmt_pm(stat: tuple) -> str:
-  """'76.20 ± 0.31' (n>=2), '76.20 (n=1)', or '–', from a MeanStd or (mean, std, n)."""
+def fmt_pm(stat: tuple, spec: str = ".2f") -> str:
+  """'76.20 ± 0.31' (n>=2), '76.20 (n=1)', or '–', from a MeanStd or (mean, std, n); `spec`
+  formats the mean ('+.2f': signed), the std without its sign."""
   mean, std, n = stat
   if n == 0:
     return "–"
-  return f"{mean:.2f} (n=1)" if std is None else f"{mean:.2f} ± {std:.2f}"
+  shown = format(mean, spec)
+  return f"{shown} (n=1)" if std is None else f"{shown} ± {format(std, spec.lstrip('+'))}"
+
+
+def _fmt_heads(stats: tuple, spec: str = ".2f") -> str:
+  """Per head, 'h0 76.20 ± 0.31, h1 75.10 ± 0.20', or '–'."""
+  return ", ".join(f"h{k} {fmt_pm(stat, spec)}" for k, stat in enumerate(stats)) or "–"
+
+
+def _md_table(header: list, rows: list) -> list:
+  """Markdown lines of a table, and a blank line."""
+  lines = ["| " + " | ".join(cells) + " |" for cells in [header] + rows]
+  return lines[:1] + ["|" + "---|" * len(header)] + lines[1:] + [""]
 
 
 def fmt_seeds(row: Row) -> str:
@@ -781,7 +1125,7 @@ def _fmt_optional(value: Optional[float], spec: str) -> str:
 
 def paired_sentence(comparison: PairedComparison) -> str:
   """Plain words for one paired comparison."""
-  what = f"{comparison.b} − {comparison.a} ({comparison.metric} accuracy)"
+  what = f"{comparison.b} − {comparison.a} ({PAIRED_METRICS[comparison.metric][1]})"
   n, mean, p = comparison.n, comparison.mean, comparison.p
   if n == 0:
     return f"{what}: no seed has finished runs of both, nothing to compare."
@@ -812,22 +1156,56 @@ def _published_line(group: GroupSummary) -> str:
 
 
 def _table_lines(group: GroupSummary) -> list:
-  """The group's table: a line per variant."""
+  """The group's table: a line per row."""
   published = group.published is not None
   header = ["variant", "heads", "best acc (%)", "final acc (%)", "seeds", "params", "images/s",
             "final head cos"]
   if published:  # the paper's numbers came from one protocol: say so next to another's rows
     header.append(f"{PUBLISHED_LABEL} (%)" if group.protocol == PUBLISHED_PROTOCOL
                   else f"{PUBLISHED_LABEL} (%), protocol {PUBLISHED_PROTOCOL}")
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  rows = []
   for row in group.rows:
-    cells = [row.variant, _fmt_list(row.heads, str), fmt_pm(row.best), fmt_pm(row.final),
+    cells = [row.label, _fmt_list(row.heads, str), fmt_pm(row.best), fmt_pm(row.final),
              fmt_seeds(row), _fmt_list(row.params, "{:,}".format),
-             _fmt_optional(row.images_per_s, ".0f"), _fmt_optional(row.head_cosine, ".3f")]
+             _fmt_optional(row.images_per_s, ".0f"), _fmt_optional(row.head_cosine.mean, ".3f")]
     if published:
       cells.append(_fmt_optional(row.published, ".2f"))
-    lines.append("| " + " | ".join(cells) + " |")
-  return lines + [""]
+    rows.append(cells)
+  return _md_table(header, rows)
+
+
+HEADS_PREAMBLE = (
+    "Heads, mean ± std over the finished seeds. head CKA: mean off-diagonal linear CKA between "
+    "the heads' pooled features at the last eval (1: the same features up to rotation and "
+    "scale, 0: unrelated). probe acc: a logistic-regression probe on one head's pooled features "
+    "(fitted on training examples, scored on the eval split), per head (h0, h1, ...). all-heads "
+    "probe: the probe on all heads' features concatenated. ablation drop: eval accuracy lost "
+    "when that head's feature map is replaced by its batch mean, in points. fused − best head: "
+    "final eval accuracy minus the best head's probe accuracy, in points (> 0: the model gains "
+    "from its heads together).")
+
+
+def _heads_lines(group: GroupSummary) -> list:
+  """The Heads table: a line per row of the group, labelled 'variant × K'."""
+  lines = ["### Heads", "", HEADS_PREAMBLE, ""]
+  header = ["variant × heads", "head CKA", "probe acc per head (%)", "all-heads probe acc (%)",
+            "ablation drop per head (points)", "fused − best head (points)"]
+  return lines + _md_table(header, [
+      [f"{row.label} × {_fmt_list(row.heads, str)}", fmt_pm(row.measures.cka, ".3f"),
+       _fmt_heads(row.measures.probe), fmt_pm(row.measures.probe_all),
+       _fmt_heads(row.measures.drops, "+.2f"), fmt_pm(row.measures.gap, "+.2f")]
+      for row in group.rows])
+
+
+def _dose_lines(group: GroupSummary) -> list:
+  """The Dose table of a group whose multi_cos rows are split by setting."""
+  lines = ["### Dose", "", "Final values per penalty setting, mean ± std over the finished "
+           "seeds; weight 0 is the multi runs, every kind's. dose.png plots them.", ""]
+  header = ["kind", "weight"] + [title for title, _, _ in DOSE_MEASURES] + ["n seeds"]
+  return lines + _md_table(header, [
+      [kind or "– (multi)", "–" if weight is None else sweepfile.format_weight(weight)]
+      + [fmt_pm(stat_of(row), spec) for _, stat_of, spec in DOSE_MEASURES]
+      + [str(row.final.n)] for kind, weight, row in group.dose])
 
 
 def _running_lines(group: GroupSummary) -> list:
@@ -838,23 +1216,25 @@ def _running_lines(group: GroupSummary) -> list:
   return lines + [""] if lines else []
 
 
-def _paired_lines(group: GroupSummary) -> list:
-  """The multi_cos - multi table and sentences (the group has both variants)."""
-  lines = ["### multi_cos − multi, paired by seed", "",
-           "| metric | mean diff (points) | std of diffs | n pairs | t | p (two-sided) |",
-           "|---|---|---|---|---|---|"]
-  for comparison in group.paired:
+def _paired_lines(comparisons: tuple) -> list:
+  """The table and sentences of one multi_cos row - multi, a comparison per PAIRED_METRICS:
+  a sentence for each accuracy and for each head measure that has pairs."""
+  first = comparisons[0]
+  lines = [f"### {first.b} − {first.a}, paired by seed", ""]
+  rows = []
+  for comparison in comparisons:
     if comparison.t is None:
       t = p = f"n/a ({comparison.reason})"
     else:
       t, p = f"{comparison.t:.3f}", _fmt_p(comparison.p)
-    lines.append(f"| {comparison.metric} acc | {_fmt_optional(comparison.mean, '+.2f')} | "
-                 f"{_fmt_optional(comparison.std, '.2f')} | {comparison.n} | {t} | {p} |")
-  lines.append("")
-  lines += [paired_sentence(comparison) for comparison in group.paired]
-  unpaired = group.paired[0].unpaired
-  if unpaired:
-    lines.append("Left out of the pairing: " + "; ".join(unpaired) + ".")
+    rows.append([PAIRED_METRICS[comparison.metric][0], _fmt_optional(comparison.mean, "+.2f"),
+                 _fmt_optional(comparison.std, ".2f"), str(comparison.n), t, p])
+  lines += _md_table(["metric", "mean diff (points)", "std of diffs", "n pairs", "t",
+                      "p (two-sided)"], rows)
+  lines += [paired_sentence(comparison) for comparison in comparisons
+            if comparison.n or comparison.metric in ("best", "final")]
+  if first.unpaired:
+    lines.append("Left out of the pairing: " + "; ".join(first.unpaired) + ".")
   return lines + [""]
 
 
@@ -868,9 +1248,53 @@ def render_group(group: GroupSummary) -> list:
     lines += [_published_line(group), ""]
   else:
     lines += [f"No published numbers: {group.dataset} is not one of the paper's data sets.", ""]
-  if group.has_pair:
-    lines += _paired_lines(group)
+  lines += _heads_lines(group)
+  if group.dose:
+    lines += _dose_lines(group)
+  for comparisons in group.paired:
+    lines += _paired_lines(comparisons)
   return lines
+
+
+def parameter_matches(table: list) -> list:
+  """[(multi-head GroupSummary, Row, single GroupSummary, Row)]: each multi-head row of an arch
+  and each single row of another arch, same data set and protocol, whose mean num_params is
+  within PARAMS_TOLERANCE of the multi-head row's."""
+  singles = [(group, row) for group in table for row in group.rows
+             if row.variant == "single" and row.params]
+  matches = []
+  for group in table:
+    for row in group.rows:
+      if row.variant == "single" or not row.params:
+        continue
+      params = np.mean(row.params)
+      matches += [(group, row, other, single) for other, single in singles
+                  if other.key[:2] == group.key[:2] and other.arch != group.arch
+                  and abs(np.mean(single.params) - params) <= PARAMS_TOLERANCE * params]
+  return matches
+
+
+def _matched_cells(group: GroupSummary, row: Row) -> list:
+  name = f"{group.arch} × {_fmt_list(row.heads, str)}"
+  return [name if row.variant == "single" else f"{name} ({row.label})",
+          _fmt_list(row.params, "{:,}".format), fmt_pm(row.best), fmt_pm(row.final),
+          str(row.finished)]
+
+
+def _parameter_matched_section(matches: list) -> list:
+  """'## Parameter-matched': each multi-head model beside a single one of about its size."""
+  lines = ["## Parameter-matched", "",
+           f"A multi-head model of one arch beside a single model of another arch with "
+           f"num_params within ±{PARAMS_TOLERANCE:.0%} (the paper's two seresnet18 heads against "
+           "one seresnet34), same data set and protocol. Accuracy in %, mean ± std over the "
+           "finished seeds of each; different archs are not seed-paired, so there is no test "
+           "here: read mean ± std only.", ""]
+  half = ["params", "best acc (%)", "final acc (%)", "n seeds"]
+  return lines + _md_table(
+      ["data set", "multi-head arch × heads"] + half + ["single arch × heads"] + half,
+      [[group.dataset + ("" if group.protocol == SCRATCH else f" / {group.protocol}")]
+       + _matched_cells(group, row) + _matched_cells(other, single)
+       for group, row, other, single in matches])
 
 
 def _fmt_missing(missing: MissingRun) -> str:
@@ -895,6 +1319,11 @@ def _missing_section(runs: list, missing: list) -> list:
   return lines + [""]
 
 
+def figures_of(table: list) -> tuple:
+  """The figures the report writes: FIGURES, and DOSE_FIGURE where some group has a dose."""
+  return FIGURES + ((DOSE_FIGURE,) if any(group.dose for group in table) else ())
+
+
 def render_markdown(table: list, runs: list, missing: list, dirs: list,
                     plan: Optional[list]) -> str:
   """The whole report.md."""
@@ -909,9 +1338,12 @@ def render_markdown(table: list, runs: list, missing: list, dirs: list,
            "finished seeds; running runs are counted apart and kept out of the statistics. "
            "images/s: mean of train_images_per_s over all found runs. final head cos: mean "
            "off-diagonal cosine between heads at the last eval, mean over finished seeds. "
-           "Figures: comparison.png, curves.png, diversity.png.", ""]
+           f"Figures: {', '.join(figures_of(table))}.", ""]
   for group in table:
     lines += render_group(group)
+  matches = parameter_matches(table)
+  if matches:
+    lines += _parameter_matched_section(matches)
   return "\n".join(lines + _missing_section(runs, missing))
 
 
@@ -919,14 +1351,14 @@ def summary_text(table: list, runs: list, missing: list, out: str) -> str:
   """A few lines for stdout."""
   lines = []
   for group in table:
-    parts = [f"{row.variant} {fmt_pm(row.best)} ({fmt_seeds(row)})" for row in group.rows]
+    parts = [f"{row.label} {fmt_pm(row.best)} ({fmt_seeds(row)})" for row in group.rows]
     lines.append(f"{group_title(group.key, sep='/')}: " + "; ".join(parts))
-    if group.has_pair:
-      lines.append("  " + paired_sentence(group.paired[0]))
+    lines += ["  " + paired_sentence(comparisons[0]) for comparisons in group.paired]
   n_running = sum(not r.finished for r in runs)
   lines.append(f"{len(runs)} runs ({len(runs) - n_running} finished, {n_running} running), "
                f"{len(missing)} missing")
-  lines.append(f"wrote {', '.join(os.path.join(out, f) for f in FIGURES + ('report.md',))}")
+  written = figures_of(table) + ("report.md",)
+  lines.append(f"wrote {', '.join(os.path.join(out, name) for name in written)}")
   return "\n".join(lines)
 
 
@@ -962,6 +1394,9 @@ def build(dirs: list, out: str, warn: Callable[[str], None]) -> str:
   plot_comparison(table, runs, os.path.join(out, "comparison.png"))
   plot_curves(runs, os.path.join(out, "curves.png"))
   plot_diversity(runs, os.path.join(out, "diversity.png"))
+  plot_heads(runs, os.path.join(out, "heads.png"))
+  if DOSE_FIGURE in figures_of(table):
+    plot_dose(table, os.path.join(out, DOSE_FIGURE))
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write(render_markdown(table, runs, missing, dirs, plan))
   return summary_text(table, runs, missing, out)

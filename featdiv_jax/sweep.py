@@ -5,6 +5,7 @@ r"""A sweep over data set x variant x arch x seed: one workdir per run, run one 
   python -m featdiv_jax.sweep status   --sweep-dir runs/sweep
   python -m featdiv_jax.sweep commands --sweep-dir runs/sweep --datasets cifar10 --prefix 'srun -N2'
   python -m featdiv_jax.sweep prepare  --sweep-dir runs/sweep --datasets cifar10 --data-dir ~/tfds
+  python -m featdiv_jax.sweep plan     --sweep-dir runs/dose --kinds cos,cka --weights 0,0.1,1,10
 
 Each run trains in SWEEP_DIR/<dataset>/<arch>/<variant>/seed<N> with
 `python -m featdiv_jax.main --config=configs/<file>.py:<variant>[,extra...],arch=<arch>,seed=<N>`.
@@ -14,6 +15,13 @@ SWEEP_DIR/<dataset>/pretrained_head/<arch>/<variant>/seed<N>, so that it never s
 with the scratch run of the same grid point, and its grid must hold `single`: the single runs
 (stage 1) come first, and each multi/multi_cos run (stage 2) gets
 `--config.model.init_from=<the workdir of the single run of its dataset, arch and seed>`.
+The penalty's dose is two more axes, of multi_cos only: `--kinds` (penalty.kind) x `--weights`
+(penalty.weight > 0) gives one multi_cos run per pair, trained with
+`--config=...:multi_cos[,extra...],kind=<kind>,weight=<weight>,arch=<arch>,seed=<N>` in
+.../<arch>/multi_cos-<kind>-w<weight>/seed<N> (sweepfile.variant_dir; the config's kind or weight
+where only the other axis is given). Weight 0 is no penalty, which is the multi variant: 0 in
+`--weights` plans the multi run (once, in .../<arch>/multi/seed<N>) even when `--variants` does
+not name multi. Without the two options the grid is that of sweeps before them.
 `run` skips runs whose results.json says finished and re-runs (= resumes from the checkpoints)
 interrupted ones. SWEEP_DIR/sweep.json lists every run planned in the directory (the union of
 every grid planned there; featdiv_jax.sweepfile reads and writes it). Imports no TensorFlow
@@ -22,6 +30,7 @@ every grid planned there; featdiv_jax.sweepfile reads and writes it). Imports no
 
 import argparse
 import itertools
+import math
 import os
 import pathlib
 import shlex
@@ -46,6 +55,9 @@ DATASET_CONFIGS = {
 EMBEDDED_DATASETS = ("digits",)  # ship with scikit-learn: nothing to download or prepare
 SCRATCH, PRETRAINED_HEAD = "scratch", "pretrained_head"  # configlib.PROTOCOLS
 STAGE_1 = "single"  # the variant pretrained_head trains first and takes head 0 from
+NO_PENALTY, PENALIZED = "multi", "multi_cos"  # configlib.VARIANTS: weight 0 is multi
+PENALTY_KEYS = ("kind", "weight")  # configlib.ARG_KEYS of the penalty axes
+WEIGHTS_VALID = "give non-negative penalty weights, e.g. 0,0.1,1,10"
 
 
 class SweepError(ValueError):
@@ -56,6 +68,12 @@ def archs() -> tuple:
   """The model names featdiv_jax.models knows (imported here only: it pulls in jax)."""
   from featdiv_jax.models.resnet import ARCHS  # pylint: disable=import-outside-toplevel
   return tuple(ARCHS)
+
+
+def penalty_kinds() -> tuple:
+  """The penalty kinds featdiv_jax.losses knows (imported here only: it pulls in jax)."""
+  from featdiv_jax.losses import PENALTY_KINDS  # pylint: disable=import-outside-toplevel
+  return tuple(PENALTY_KINDS)
 
 
 def _split(text) -> list:
@@ -86,6 +104,24 @@ def parse_seeds(text: str) -> list:
   if not seeds:
     raise SweepError("--seeds is empty; valid: non-negative integers such as 0,1,2 or 0-4")
   return _unique(seeds)
+
+
+def parse_weights(text: str) -> list:
+  """'0,0.1,1,10' -> a list of distinct finite non-negative floats."""
+  weights = []
+  for token in _split(text):
+    try:
+      weight = float(token)
+    except ValueError:
+      raise SweepError(f"--weights: {token} is not a number; {WEIGHTS_VALID}") from None
+    if not math.isfinite(weight):
+      raise SweepError(f"--weights: {token} is not finite; {WEIGHTS_VALID}")
+    if weight < 0:
+      raise SweepError(f"--weights: {token} is negative; {WEIGHTS_VALID}")
+    weights.append(weight + 0.0)  # -0.0 -> 0.0
+  if not weights:
+    raise SweepError(f"--weights is empty; {WEIGHTS_VALID}")
+  return _unique(weights)
 
 
 def _choose(option: str, text: str, valid) -> list:
@@ -135,20 +171,74 @@ def _check_main_flags(flags: list) -> None:
         raise SweepError(f"--main-flag {flag!r}: {why}")
 
 
+def _check_axes_alone(extra: list, main_flags: list) -> None:
+  """With --kinds/--weights, nothing else may set the penalty: the workdirs would lie."""
+  for token in extra:
+    key = token.partition("=")[0]
+    if key in PENALTY_KEYS:
+      raise SweepError(f"--extra {token!r} sets penalty.{key}, which --kinds/--weights set per "
+                       f"run; valid: the value in --{key}s instead")
+  for flag in main_flags:
+    name = flag.partition("=")[0]
+    if name in ("--config.penalty", *(f"--config.penalty.{key}" for key in PENALTY_KEYS)):
+      raise SweepError(f"--main-flag {flag!r} sets the penalty, which --kinds/--weights set per "
+                       f"run; valid: the values in --kinds/--weights instead")
+
+
+def _axes_text(kinds, weights) -> str:
+  """'--kinds cos,cka and --weights 0.1,1': the axes given, as the user wrote them."""
+  given = [] if kinds is None else [f"--kinds {','.join(kinds)}"]
+  if weights is not None:
+    given.append(f"--weights {','.join(map(sweepfile.format_weight, weights))}")
+  return " and ".join(given)
+
+
+def _points(variants: list, kinds, weights) -> list:
+  """(variant, penalty kind, penalty weight) per workdir variant level, in --variants order;
+  kind and weight None where the run takes its config's. `kinds`/`weights`: the parsed axes, or
+  None when not given (neither given: the variants as they are)."""
+  if kinds is None and weights is None:
+    return [(variant, None, None) for variant in variants]
+  positive = [None] if weights is None else [w for w in weights if w > 0]
+  zero = weights is not None and 0 in weights
+  # Only weight 0 plans a run without multi_cos; kinds or positive weights would be dropped.
+  if PENALIZED not in variants and (positive or not zero):
+    raise SweepError(f"{_axes_text(kinds, weights)}: the penalty axes apply to {PENALIZED} "
+                     f"only, which --variants {','.join(variants)} lacks; valid: --variants "
+                     f"with {PENALIZED}, e.g. {','.join(configlib.VARIANTS)} (or --weights 0 "
+                     f"alone, which plans {NO_PENALTY})")
+  if zero and NO_PENALTY not in variants:  # weight 0 is the multi variant
+    at = variants.index(PENALIZED) if PENALIZED in variants else len(variants)
+    variants = variants[:at] + [NO_PENALTY] + variants[at:]
+  points = []
+  for variant in variants:
+    if variant == PENALIZED:
+      points += [(variant, kind, weight) for kind in kinds or [None] for weight in positive]
+    else:
+      points.append((variant, None, None))
+  return points
+
+
 def expand(sweep_dir: str, datasets, variants, arch_names, seeds, extra=(), main_flags=(),
-           python: str = "python", absolute: bool = True) -> list:
-  """The grid as run dicts (see the module docstring); raises SweepError for bad input."""
+           python: str = "python", absolute: bool = True, kinds=None, weights=None) -> list:
+  """The grid as run dicts (see the module docstring); raises SweepError for bad input.
+  `kinds`/`weights`: the penalty axes ('cos,cka', '0,0.1,1'), None when not given."""
   datasets = _choose("--datasets", datasets, tuple(DATASET_CONFIGS))
   variants = _choose("--variants", variants, configlib.VARIANTS)
   arch_names = _choose("--archs", arch_names, archs())
   seeds = parse_seeds(seeds) if isinstance(seeds, str) else _unique(seeds)
+  kinds = None if kinds is None else _choose("--kinds", kinds, penalty_kinds())
+  weights = None if weights is None else parse_weights(weights)
   extra, main_flags = _split(extra), list(main_flags or [])
   _check_extra(extra)
   _check_main_flags(main_flags)
+  if kinds is not None or weights is not None:
+    _check_axes_alone(extra, main_flags)
+  points = _points(variants, kinds, weights)
   workdir_root = os.path.abspath(sweep_dir) if absolute else sweep_dir  # in the commands
   runs, seen = [], set()
-  for dataset, arch, variant, seed in itertools.product(datasets, arch_names, variants, seeds):
-    run = _grid_run(workdir_root, dataset, arch, variant, seed, extra, main_flags, python)
+  for dataset, arch, point, seed in itertools.product(datasets, arch_names, points, seeds):
+    run = _grid_run(workdir_root, dataset, arch, point, seed, extra, main_flags, python)
     if run["workdir"] not in seen:  # flowers102 and its alias oxford_flowers102 share a dir
       seen.add(run["workdir"])
       runs.append(run)
@@ -165,19 +255,24 @@ def _is_stage_2(run: dict) -> bool:
   return run["protocol"] == PRETRAINED_HEAD and run["variant"] != STAGE_1
 
 
-def run_workdir(dataset: str, protocol: str, arch: str, variant: str, seed: int) -> str:
+def run_workdir(dataset: str, protocol: str, arch: str, variant: str, seed: int,
+                kind: str | None = None, weight: float | None = None) -> str:
   """A run's workdir under the sweep directory: scratch runs keep the layout of sweeps that
-  predate protocols; other protocols get a directory level of their own."""
+  predate protocols; other protocols get a directory level of their own; a run of the penalty
+  axes names its kind and weight in the variant's level (sweepfile.variant_dir)."""
   parts = [dataset] + ([] if protocol == SCRATCH else [protocol])
-  return os.path.join(*parts, arch, variant, f"seed{seed}")
+  return os.path.join(*parts, arch, sweepfile.variant_dir(variant, kind, weight), f"seed{seed}")
 
 
-def _grid_run(workdir_root: str, dataset: str, arch: str, variant: str, seed: int, extra: list,
+def _grid_run(workdir_root: str, dataset: str, arch: str, point: tuple, seed: int, extra: list,
               main_flags: list, python: str) -> dict:
   """One run of the grid, as sweep.json stores it (its command's workdir under `workdir_root`);
-  SweepError for a bad --extra."""
+  `point`: (variant, penalty kind, penalty weight) from `_points`. SweepError for a bad --extra."""
   config_file = DATASET_CONFIGS[dataset]
-  arg = ",".join([variant, *extra, f"arch={arch}", f"seed={seed}"])
+  variant, kind, weight = point
+  penalty = ([] if kind is None else [f"kind={kind}"]) + (
+      [] if weight is None else [f"weight={sweepfile.format_weight(weight)}"])
+  arg = ",".join([variant, *extra, *penalty, f"arch={arch}", f"seed={seed}"])
   try:
     config = _load_config(config_file, arg)
   except configlib.ConfigError as e:
@@ -187,12 +282,15 @@ def _grid_run(workdir_root: str, dataset: str, arch: str, variant: str, seed: in
     raise SweepError(f"--extra {','.join(extra)!r}: unknown protocol {protocol!r}; valid: "
                      f"{', '.join(configlib.PROTOCOLS)}")
   name = config.dataset.name  # the TFDS name, which names the workdir
-  workdir = run_workdir(name, protocol, arch, variant, seed)
+  axes = {}
+  if penalty:  # the workdir and sweep.json name both, the config's where only one is given
+    axes = dict(kind=config.penalty.kind, weight=float(config.penalty.weight))
+  workdir = run_workdir(name, protocol, arch, variant, seed, axes.get("kind"), axes.get("weight"))
   flags = list(main_flags)
   if protocol == PRETRAINED_HEAD and variant != STAGE_1:  # stage 2: head 0 from stage 1
     stage_1 = run_workdir(name, protocol, arch, STAGE_1, seed)
     flags.append(f"--config.model.init_from={os.path.join(workdir_root, stage_1)}")
-  return dict(dataset=name, protocol=protocol, arch=arch, variant=variant, seed=seed,
+  return dict(dataset=name, protocol=protocol, arch=arch, variant=variant, **axes, seed=seed,
               workdir=workdir, config=f"{config_file}:{arg}",
               command=main_command(python, f"{config_file}:{arg}",
                                    os.path.join(workdir_root, workdir), flags))
@@ -368,7 +466,8 @@ def print_status(sweep_dir: str, runs: list) -> None:
   written before protocols have no `protocol`: they are scratch)."""
   protocols = [run.get("protocol") or SCRATCH for run in runs]
   with_protocol = any(protocol != SCRATCH for protocol in protocols)
-  rows = [(run["dataset"], *([protocol] if with_protocol else []), run["arch"], run["variant"],
+  rows = [(run["dataset"], *([protocol] if with_protocol else []), run["arch"],
+           sweepfile.variant_dir(run["variant"], run.get("kind"), run.get("weight")),
            str(run["seed"]), run_state(os.path.join(sweep_dir, run["workdir"])), run["workdir"])
           for run, protocol in zip(runs, protocols)]
   header = ("dataset", *(["protocol"] if with_protocol else []), "arch", "variant", "seed",
@@ -390,6 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: all three)")
   grid.add_argument("--archs", help="comma-separated SE-ResNet archs (default: seresnet18)")
   grid.add_argument("--seeds", help="comma-separated or a range, e.g. 0,1,2 or 0-4 (default: 0)")
+  grid.add_argument("--kinds", help="comma-separated penalty kinds (featdiv_jax.losses."
+                    "PENALTY_KINDS), e.g. cos,cka: one multi_cos run per kind (and weight > 0) "
+                    "(default: the config's)")
+  grid.add_argument("--weights", help="comma-separated non-negative penalty weights, e.g. "
+                    "0,0.1,1,10: one multi_cos run per weight > 0 (and kind); 0 plans the multi "
+                    "run, even when --variants lacks multi (default: the config's)")
   grid.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE,...",
                     help="config arguments for every run, e.g. smoke or epochs=2,batch=128; "
                          "protocol=pretrained_head (or a data set's paper word) plans the "
@@ -427,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _selected_runs(args) -> list:
   """The runs the action is about: all of sweep.json's for `status` without grid options, else
   the grid's. SweepError for bad grid input, OSError or ValueError for an unreadable sweep.json."""
-  grid_given = any(v is not None for v in (args.datasets, args.variants, args.archs, args.seeds))
+  grid_given = any(v is not None for v in (args.datasets, args.variants, args.archs, args.seeds,
+                                            args.kinds, args.weights))
   plan = sweepfile.read_plan(args.sweep_dir)
   if args.action == "status" and not grid_given and plan is not None:
     return plan["runs"]
@@ -435,7 +541,8 @@ def _selected_runs(args) -> list:
                 args.variants or ",".join(configlib.VARIANTS), args.archs or "seresnet18",
                 args.seeds or "0", args.extra, args.main_flag,
                 python=getattr(args, "python", "python"),
-                absolute=args.action != "commands" or args.absolute)
+                absolute=args.action != "commands" or args.absolute, kinds=args.kinds,
+                weights=args.weights)
 
 
 def print_commands(sweep_dir: str, runs: list, prefix: str, pending: bool) -> None:

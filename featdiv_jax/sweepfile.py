@@ -1,12 +1,15 @@
 """sweep.json, the runs planned in a sweep directory: the one module that reads and writes it.
 
   {"created": "<ISO time>", "updated": "<ISO time>",
-   "runs": [{"dataset", "protocol", "arch", "variant", "seed", "workdir", "config", "command"},
-            ...],
+   "runs": [{"dataset", "protocol", "arch", "variant", ["kind", "weight",] "seed", "workdir",
+             "config", "command"}, ...],
    "invocations": [{"time": "<ISO time>", "argv": [...]}, ...]}
 
 A run's `workdir` is relative to the directory that holds sweep.json. A run without
-`protocol` (planned before the sweep knew protocols) is a "scratch" one. The sweep
+`protocol` (planned before the sweep knew protocols) is a "scratch" one. Only a multi_cos run
+planned with the sweep's penalty axes (--kinds/--weights) has `kind` and `weight` (its
+penalty.kind and penalty.weight), and its workdir's variant level is `variant_dir`'s
+`multi_cos-<kind>-w<weight>`; a run without them trains at its config's penalty. The sweep
 (featdiv_jax.sweep) reads the file as it is (`read_plan`) and extends it (`add_runs`); the report
 (featdiv_jax.report) reads it as `PlannedRun`s (`planned_runs`), which tolerates hand-written
 files: a bare list of runs instead of the object, missing keys, and entries of the wrong shape
@@ -17,6 +20,7 @@ No jax, no TensorFlow: the sweep and the report use it on any machine.
 
 import dataclasses
 import datetime
+import math
 import numbers
 import os
 import shlex
@@ -27,6 +31,36 @@ from featdiv_jax import files
 SWEEP_FILE = "sweep.json"
 SCRATCH = "scratch"  # the protocol of a run that names none (configlib's default)
 Seed = Union[int, str]
+
+
+def format_weight(weight: float) -> str:
+  """A penalty weight as a workdir names it: the shortest text that reads back as the same float,
+  without '+' ('0.1', '1', '10', '1e-05', '1e20')."""
+  weight = float(weight)
+  text = str(int(weight)) if weight.is_integer() and abs(weight) < 1e16 else repr(weight)
+  return text.replace("e+", "e")
+
+
+def variant_dir(variant: str, kind: Optional[str] = None, weight: Optional[float] = None) -> str:
+  """The variant level of a run's workdir: the variant, or `<variant>-<kind>-w<weight>` for a
+  run planned with a penalty kind and weight (`parse_variant_dir` reads it back)."""
+  if kind is None and weight is None:
+    return variant
+  return f"{variant}-{kind}-w{format_weight(weight)}"
+
+
+def parse_variant_dir(name: str) -> tuple:
+  """(variant, penalty kind, penalty weight) of a name `variant_dir` writes; (name, None, None)
+  for any other name (a plain variant)."""
+  variant, _, rest = name.partition("-")
+  kind, w, weight = rest.partition("-w")
+  try:
+    value = float(weight) if variant and kind and w else None
+  except ValueError:
+    value = None
+  if value is None or not math.isfinite(value) or variant_dir(variant, kind, value) != name:
+    return name, None, None
+  return variant, kind, value
 
 
 def plan_path(sweep_dir: str) -> str:
@@ -95,18 +129,23 @@ def norm_seed(seed):
 class PlannedRun:
   """One run planned in sweep.json, as the report reads it: None for what the entry does not
   name, the seed normalised (`norm_seed`), the workdir absolute. `protocol` is "scratch" where
-  the entry names none: entries older than the protocol key were all trained from scratch."""
+  the entry names none: entries older than the protocol key were all trained from scratch.
+  `kind` and `weight` (a float) are the penalty of a run planned with the penalty axes, None for
+  any other (which then asks for no particular penalty)."""
   dataset: Optional[str]
   arch: Optional[str]
   variant: Optional[str]
   seed: Optional[Seed]
   workdir: Optional[str]
   protocol: str = SCRATCH
+  kind: Optional[str] = None
+  weight: Optional[float] = None
 
   def well_typed(self) -> bool:
-    names = (self.dataset, self.arch, self.variant)
+    names = (self.dataset, self.arch, self.variant, self.kind)
     return (all(isinstance(name, (str, type(None))) for name in names)
-            and isinstance(self.seed, (int, str, type(None))) and isinstance(self.protocol, str))
+            and isinstance(self.seed, (int, str, type(None))) and isinstance(self.protocol, str)
+            and isinstance(self.weight, (float, type(None))))
 
   def names_nothing(self) -> bool:
     """Whether the entry names no run (the protocol, which has a default, does not count)."""
@@ -151,15 +190,21 @@ def _planned_run(entry, top: str, where: str,
     return None
   workdir = entry.get("workdir")
   seed = entry.get("seed")
+  kind, weight = entry.get("kind"), entry.get("weight")
+  if kind is None and weight is None and isinstance(workdir, str):  # a hand-trimmed entry
+    _, kind, weight = parse_variant_dir(os.path.basename(os.path.dirname(workdir)))
+  if isinstance(weight, numbers.Real) and not isinstance(weight, bool):
+    weight = float(weight)
   run = PlannedRun(
       dataset=entry.get("dataset"), arch=entry.get("arch"), variant=entry.get("variant"),
       seed=None if seed is None else norm_seed(seed),
       workdir=(os.path.normpath(os.path.join(os.path.abspath(top), workdir))
                if isinstance(workdir, str) and workdir else None),
-      protocol=SCRATCH if entry.get("protocol") is None else entry["protocol"])
+      protocol=SCRATCH if entry.get("protocol") is None else entry["protocol"],
+      kind=kind, weight=weight)
   if not run.well_typed():
-    warn(f"warning: {where} has a dataset, protocol, arch, variant or seed of the wrong type; "
-         f"ignored")
+    warn(f"warning: {where} has a dataset, protocol, arch, variant, seed, kind or weight of the "
+         f"wrong type; ignored")
     return None
   if run.names_nothing():
     warn(f"warning: {where} names no dataset, arch, variant, seed or workdir; ignored")

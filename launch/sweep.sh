@@ -13,6 +13,10 @@
 #   --variants LIST     single, multi, multi_cos (default: all three)
 #   --archs LIST        seresnet18, seresnet34, seresnet50, ... (default: seresnet18)
 #   --seeds LIST        e.g. 0,1,2 or 0-4 (default: 0)
+#   --kinds LIST        penalty kinds, one multi_cos run each, e.g. cos,cka (default: the config's)
+#   --weights LIST      penalty weights >= 0, e.g. 0,0.1,1,10: one multi_cos run per weight > 0
+#                       (and kind) in .../<arch>/multi_cos-<kind>-w<weight>/seed<N>; 0 is the
+#                       multi run, planned even when --variants lacks multi (default: the config's)
 #   --extra K=V,...     config arguments for every run, e.g. epochs=2 or smoke
 #   --main-flag=FLAG    a featdiv_jax.main flag for every run, e.g. --main-flag=--config.batch_size=128
 #   --keep-going        continue after a failed run (default: stop with its exit code)
@@ -23,6 +27,7 @@
 # Examples:
 #   launch/sweep.sh runs/sweep --datasets digits --seeds 0,1,2
 #   launch/sweep.sh runs/sweep --datasets digits,cifar10 --archs seresnet18,seresnet34 --extra epochs=2
+#   launch/sweep.sh runs/dose --datasets digits --kinds cos,cka --weights 0,0.1,1,10 --seeds 0,1,2
 #   launch/sweep.sh --status runs/sweep
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

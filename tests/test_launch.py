@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from featdiv_jax import configlib, sweep
+from featdiv_jax import configlib, sweep, sweepfile
 from tests_util import ROOT
 
 SCRIPTS = sorted((ROOT / "launch").glob("*.sh"))
@@ -560,3 +560,135 @@ def test_pretrained_head_status_shows_the_protocol_and_bad_protocols_are_refused
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and bad in lines[0] and "valid" in lines[0]
   assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------- penalty axes
+
+AXES = ["--variants", "single,multi,multi_cos", "--weights", "0,0.1,1", "--kinds", "cos,cka"]
+POINTS = ["multi_cos-cos-w0.1", "multi_cos-cos-w1", "multi_cos-cka-w0.1", "multi_cos-cka-w1"]
+
+
+def test_plan_with_penalty_axes_has_a_multi_cos_run_per_kind_and_weight(tmp_path):
+  sweep_dir = tmp_path / "sw"
+  r = sweep_cli("plan", "--sweep-dir", sweep_dir, *AXES, "--seeds", "0", "--extra", "epochs=2")
+  assert r.returncode == 0, r.stderr
+  runs = json.loads((sweep_dir / "sweep.json").read_text())["runs"]
+  assert [r_["workdir"] for r_ in runs] == [
+      f"digits/seresnet18/{name}/seed0" for name in ["single", "multi", *POINTS]]
+  assert [r_["variant"] for r_ in runs] == ["single", "multi"] + ["multi_cos"] * 4
+  # weight 0 is the plain multi run: no penalty fields, the command of a sweep without axes
+  assert all("kind" not in r_ and "weight" not in r_ for r_ in runs[:2])
+  assert runs[1]["config"] == "configs/digits.py:multi,epochs=2,arch=seresnet18,seed=0"
+  assert [(r_["kind"], r_["weight"]) for r_ in runs[2:]] == [
+      ("cos", 0.1), ("cos", 1.0), ("cka", 0.1), ("cka", 1.0)]
+  assert runs[4]["config"] == (
+      "configs/digits.py:multi_cos,epochs=2,kind=cka,weight=0.1,arch=seresnet18,seed=0")
+  assert runs[4]["command"][3:] == [f"--config={runs[4]['config']}",
+                                    f"--workdir={sweep_dir}/digits/seresnet18/{POINTS[2]}/seed0"]
+  lines = sweep_cli("status", "--sweep-dir", sweep_dir).stdout.splitlines()
+  assert [line.split()[2] for line in lines[1:-1]] == ["single", "multi", *POINTS]
+  # multi is planned for weight 0 even when --variants lacks it, once, not per kind
+  runs = sweep.expand("sw", "digits", "multi_cos", "seresnet18", "0,1", kinds="cos,cka",
+                      weights="0,1", absolute=False)
+  assert [r_["workdir"] for r_ in runs] == [
+      f"digits/seresnet18/{name}/seed{seed}"
+      for name in ("multi", "multi_cos-cos-w1", "multi_cos-cka-w1") for seed in (0, 1)]
+
+
+def test_sweep_commands_with_penalty_axes_name_the_kind_and_weight():
+  r = sweep_cli("commands", "--sweep-dir", "rel/sw", "--variants", "multi_cos",
+                "--kinds", "cka", "--weights", "0.1,10")
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.splitlines() == [
+      f"python -m featdiv_jax.main --config=configs/digits.py:multi_cos,kind=cka,weight={w},"
+      f"arch=seresnet18,seed=0 --workdir=rel/sw/digits/seresnet18/multi_cos-cka-w{w}/seed0"
+      for w in ("0.1", "10")]
+  # one axis alone: the config's default for the other, which the workdir and sweep.json name
+  default = configlib.default_config().penalty
+  only_kinds = sweep.expand("sw", "digits", "multi_cos", "seresnet18", "0", kinds="cka")
+  only_weights = sweep.expand("sw", "digits", "multi_cos", "seresnet18", "0", weights="2.5e-3")
+  assert [(r_["kind"], r_["weight"], r_["config"].split(":")[1], r_["workdir"].split("/")[2])
+          for r_ in only_kinds + only_weights] == [
+      ("cka", default.weight, "multi_cos,kind=cka,arch=seresnet18,seed=0",
+       f"multi_cos-cka-w{sweepfile.format_weight(default.weight)}"),
+      (default.kind, 0.0025, "multi_cos,weight=0.0025,arch=seresnet18,seed=0",
+       f"multi_cos-{default.kind}-w0.0025")]
+
+
+def test_a_pretrained_head_sweep_feeds_single_to_every_penalty_point():
+  runs = sweep.expand("sw", "digits", "multi_cos,single", "seresnet18", "0",
+                      ["protocol=pretrained_head"], absolute=False, kinds="cos,cka",
+                      weights="0,1")
+  sources = _stage_2_sources(runs)
+  single = "sw/digits/pretrained_head/seresnet18/single/seed0"
+  assert [(r["workdir"], sources[r["workdir"]]) for r in runs] == [
+      ("digits/pretrained_head/seresnet18/single/seed0", None)] + [
+      (f"digits/pretrained_head/seresnet18/{name}/seed0", single)
+      for name in ("multi", "multi_cos-cos-w1", "multi_cos-cka-w1")]
+
+
+@pytest.mark.parametrize("args, want", [
+    (["--weights", "-1"],
+     "--weights: -1 is negative; give non-negative penalty weights, e.g. 0,0.1,1,10"),
+    (["--weights", "0.1,x"], "--weights: x is not a number; give non-negative"),
+    (["--weights", "inf"], "--weights: inf is not finite"),
+    (["--kinds", "cos,foo"], "unknown value 'foo' in --kinds; valid: "),
+    (["--variants", "single,multi", "--kinds", "cka"], "apply to multi_cos only"),
+    (["--variants", "single", "--weights", "0.5"], "apply to multi_cos only"),
+    (["--weights", "1", "--extra", "weight=2"], "--extra 'weight=2' sets penalty.weight"),
+    (["--kinds", "cka", "--extra", "epochs=1,kind=cos"], "--extra 'kind=cos' sets penalty.kind"),
+    (["--weights", "1", "--main-flag=--config.penalty.kind=cka"], "sets the penalty"),
+])
+def test_bad_penalty_axes_in_a_plan_are_one_clear_error_and_write_nothing(tmp_path, args, want):
+  from featdiv_jax.losses import PENALTY_KINDS
+  sweep_dir = tmp_path / "sw"
+  r = sweep_cli("plan", "--sweep-dir", sweep_dir, *args)
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1 and want in lines[0], r.stderr
+  if "--kinds" in want:
+    assert lines[0].endswith(", ".join(PENALTY_KINDS))
+  assert not sweep_dir.exists()
+
+
+def test_sweep_penalty_dir_names_read_back():
+  for weight in (0.1, 1, 10, 2.5e-3, 1e-5, 1e20, 0.1 + 0.2):
+    name = sweepfile.variant_dir("multi_cos", "cka", weight)
+    assert "+" not in name and "/" not in name and " " not in name
+    assert sweepfile.parse_variant_dir(name) == ("multi_cos", "cka", weight)
+  assert [sweepfile.variant_dir("multi_cos", "cos", w) for w in (0.1, 1.0, 10)] == [
+      "multi_cos-cos-w0.1", "multi_cos-cos-w1", "multi_cos-cos-w10"]
+  for plain in ("multi_cos", "single", "multi_cos-cos", "multi_cos-cos-w0.10", "multi_cos-cos-wx"):
+    assert sweepfile.parse_variant_dir(plain) == (plain, None, None)
+
+
+def _results(sweep_dir, workdir, variant, kind, weight):
+  """A finished results.json in `workdir` with that penalty; its path."""
+  path = sweep_dir / workdir / "results.json"
+  path.parent.mkdir(parents=True)
+  path.write_text(json.dumps({
+      "variant": variant, "finished": True, "history": [],
+      "config": {"dataset": {"name": "digits"}, "model": {"arch": "seresnet18"}, "seed": 0,
+                 "variant": variant, "penalty": {"kind": kind, "weight": weight}}}))
+  return str(path)
+
+
+def test_sweep_plan_penalty_points_are_done_only_by_results_of_their_penalty(tmp_path):
+  from featdiv_jax import report
+  sweep_dir = tmp_path / "sw"
+  runs = sweep.expand(sweep_dir, "digits", "multi,multi_cos", "seresnet18", "0",
+                      kinds="cos,cka", weights="0,0.1")
+  sweepfile.add_runs(sweep_dir, runs, [], print)
+  # a sweep.json of before the axes: no kind or weight
+  old = tmp_path / "old"
+  sweepfile.add_runs(old, sweep.expand(old, "digits", "multi_cos", "seresnet18", "0"), [], print)
+  plan = sweepfile.planned_runs([str(sweep_dir), str(old)], print)
+  assert [(p.variant, p.kind, p.weight) for p in plan] == [
+      ("multi", None, None), ("multi_cos", "cos", 0.1), ("multi_cos", "cka", 0.1),
+      ("multi_cos", None, None)]
+  found = [report.parse_results(json.loads(pathlib.Path(path).read_text()), path) for path in (
+      _results(sweep_dir, "digits/seresnet18/multi/seed0", "multi", "cos", 0.0),
+      _results(sweep_dir, "digits/seresnet18/multi_cos-cka-w0.1/seed0", "multi_cos", "cka", 0.1))]
+  done = [[report.is_done_by(p, run) for run in found] for p in plan]
+  assert done == [[True, False], [False, False], [False, True], [False, True]]
+  assert [(m.variant, m.workdir) for m in report.missing_runs(found, plan)] == [
+      ("multi_cos", str(sweep_dir / "digits/seresnet18/multi_cos-cos-w0.1/seed0"))]

@@ -27,9 +27,11 @@ FINAL = {"single": [0.7480, 0.7401, 0.7550],
 
 def write_run(root, rel, *, dataset, arch, variant, seed, best, final, finished=True,
               heads=None, epochs=4, steps_per_epoch=10, smoke=False, with_epoch_key=True,
-              protocol=None):
+              protocol=None, penalty=None, measures=None, num_params=None):
   """Writes a results.json shaped like train._results() writes it; returns its path. Without
-  `protocol` its config has no protocol key, as results.json files older than it."""
+  `protocol` its config has no protocol key, as results.json files older than it; likewise
+  `penalty` ((kind, weight): config.penalty) and `measures` (the per-head measures at the
+  last eval, `head_measures`)."""
   heads = heads or (1 if variant == "single" else 2)
   done = epochs if finished else epochs - 2
   accs = list(np.linspace(0.3, best, done - 1)) + [final] if done > 1 else [best]
@@ -44,6 +46,8 @@ def write_run(root, rel, *, dataset, arch, variant, seed, best, final, finished=
     if with_epoch_key:
       entry["epoch"] = step / steps_per_epoch
     history.append(entry)
+  if measures is not None:
+    add_head_measures(history, measures)
   matrix = np.full((heads, heads), history[-1]["eval_head_cosine"] or 1.0)
   np.fill_diagonal(matrix, 1.0)
   results = dict(
@@ -51,16 +55,46 @@ def write_run(root, rel, *, dataset, arch, variant, seed, best, final, finished=
                   smoke=smoke, model=dict(arch=arch, num_heads=heads)),
       variant=variant, history=history, best_eval_accuracy=max(a for a in accs),
       final_eval_accuracy=accs[-1], eval_head_cosine_matrix=matrix.tolist(),
-      num_params=11_271_754 * heads, wall_time_s=123.0, train_images_per_s=1000.0 + seed,
-      skipped_steps=0, step=done * steps_per_epoch, total_steps=epochs * steps_per_epoch,
-      steps_per_epoch=steps_per_epoch, finished=finished)
+      num_params=num_params or 11_271_754 * heads, wall_time_s=123.0,
+      train_images_per_s=1000.0 + seed, skipped_steps=0, step=done * steps_per_epoch,
+      total_steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch, finished=finished)
   if protocol is not None:
     results["config"]["protocol"] = protocol
+  if penalty is not None:
+    results["config"]["penalty"] = dict(kind=penalty[0], weight=penalty[1])
+  if measures is not None:
+    cka = measures["cka"]
+    results["eval_head_cka_matrix"] = None if cka is None else [[1.0, cka], [cka, 1.0]]
   path = os.path.join(root, rel, "results.json")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
     json.dump(results, f)
   return path
+
+
+def head_measures(cka, probe, probe_all, drops):
+  """The per-head measures of a run's last eval, as `write_run(measures=...)` takes them."""
+  return dict(cka=cka, probe=probe, probe_all=probe_all, drops=drops)
+
+
+def add_head_measures(history, measures):
+  """Adds the per-head measures to history entries as train writes them: CKA and ablation at
+  every eval (other values before the last, which the report must not read), the probe where
+  it ran: at the last eval, and at the first as a probe run by hand might."""
+  cka, drops = measures["cka"], measures["drops"]
+  for i, entry in enumerate(history):
+    last = i == len(history) - 1
+    entry_drops = None if drops is None else [d if last else d + 0.3 for d in drops]
+    entry.update(
+        eval_head_cka=None if cka is None else (cka if last else 0.99),
+        eval_head_ablation_drop=entry_drops, eval_time_s=1.5,
+        eval_head_ablation_accuracy=None if drops is None else [
+            entry["eval_accuracy"] - d for d in entry_drops])
+  history[-1].update(eval_head_probe_accuracy=measures["probe"],
+                     eval_probe_all_accuracy=measures["probe_all"])
+  if len(history) > 1:
+    history[0].update(eval_head_probe_accuracy=[0.01] * len(measures["probe"]),
+                      eval_probe_all_accuracy=0.01)
 
 
 def make_sweep(root, plan=True):
@@ -90,6 +124,34 @@ def make_sweep(root, plan=True):
   if plan:
     with open(os.path.join(root, "sweep.json"), "w") as f:
       json.dump({"runs": planned}, f)
+
+
+# Per-head measures at the last eval, per variant and seed, beside BEST / FINAL (fractions).
+CKA = {"single": [None] * 3, "multi": [0.61, 0.58, 0.66], "multi_cos": [0.12, 0.20, 0.17]}
+PROBE = {"single": [[0.70], [0.71], [0.69]],
+         "multi": [[0.72, 0.70], [0.71, 0.69], [0.73, 0.72]],
+         "multi_cos": [[0.66, 0.61], [0.65, 0.63], [0.67, 0.60]]}
+PROBE_ALL = {"single": [0.70, 0.71, 0.69], "multi": [0.74, 0.73, 0.75],
+             "multi_cos": [0.75, 0.74, 0.77]}
+DROPS = {"single": [None] * 3, "multi": [[0.02, 0.01], [0.03, 0.00], [0.02, 0.02]],
+         "multi_cos": [[0.08, 0.05], [0.07, 0.06], [0.09, 0.04]]}
+
+
+def make_heads_sweep(root):
+  """cifar10/seresnet18: 3 variants x seeds 0-2, finished, with the per-head measures."""
+  for variant in report.VARIANT_ORDER:
+    for seed in range(3):
+      write_run(root, f"{variant}/s{seed}", dataset="cifar10", arch="seresnet18",
+                variant=variant, seed=seed, best=BEST[variant][seed], final=FINAL[variant][seed],
+                measures=head_measures(CKA[variant][seed], PROBE[variant][seed],
+                                       PROBE_ALL[variant][seed], DROPS[variant][seed]))
+
+
+def render(root):
+  """report.md's text for the results.json under `root`, without the figures."""
+  runs = report.load_runs(report.find_results([str(root)]), print)
+  table = report.aggregate(runs)
+  return report.render_markdown(table, runs, report.missing_runs(runs, None), [str(root)], None)
 
 
 def sections(md):
@@ -396,3 +458,153 @@ def test_a_planned_run_is_done_only_by_a_result_of_its_protocol(tmp_path):
   assert row(sec["cifar10 / seresnet18 / pretrained_head"], "multi_cos")[4] == (
       "1 finished / 1 found")
   assert "- cifar10 / seresnet18 / pretrained_head / multi, seed 0" in sec["Missing / in progress"]
+
+
+def heads_table(section):
+  return section.split("### Heads")[1].split("###")[0]
+
+
+def test_heads_table_per_head_mean_std_and_the_fused_gap(tmp_path):
+  make_heads_sweep(str(tmp_path))
+  heads = heads_table(sections(render(tmp_path))["cifar10 / seresnet18"])
+  # By hand: CKA 0.12, 0.20, 0.17; final 77.60, 76.88, 78.01 minus the best head's probe 66, 65,
+  # 67: gaps 11.60, 11.88, 11.01. The report reads the last eval, not the earlier decoys.
+  assert row(heads, "multi_cos × 2") == [
+      "multi_cos × 2", "0.163 ± 0.040", "h0 66.00 ± 1.00, h1 61.33 ± 1.53", "75.33 ± 1.53",
+      "h0 +8.00 ± 1.00, h1 +5.00 ± 1.00", "+11.50 ± 0.44"]
+  probe = 100 * np.array(PROBE["multi"])
+  cells = row(heads, "multi × 2")
+  assert cells[2] == f"h0 {pm(probe[:, 0] / 100)}, h1 {pm(probe[:, 1] / 100)}"
+  gap = 100 * np.array(FINAL["multi"]) - probe.max(axis=1)
+  assert cells[5] == f"{gap.mean():+.2f} ± {gap.std(ddof=1):.2f}"
+  # One head: a probe and a gap, no CKA and no ablation.
+  assert row(heads, "single × 1") == ["single × 1", "–", "h0 70.00 ± 1.00", "70.00 ± 1.00", "–",
+                                      "+4.77 ± 1.75"]
+
+  runs = report.load_runs(report.find_results([str(tmp_path)]), print)
+  report.plot_heads(runs, str(tmp_path / "heads.png"))
+  assert_png(tmp_path / "heads.png")
+  report.plot_heads([r for r in runs if r.variant == "single"], str(tmp_path / "none.png"))
+  assert (tmp_path / "none.png").read_bytes()[:8] == PNG_SIGNATURE  # "no multi-head runs"
+
+
+def test_multi_cos_minus_multi_is_paired_on_the_head_measures(tmp_path):
+  make_heads_sweep(str(tmp_path))
+  c10 = sections(render(tmp_path))["cifar10 / seresnet18"]
+  cos, multi = 100 * np.array(CKA["multi_cos"]), 100 * np.array(CKA["multi"])
+  t, p = stats.ttest_rel(cos, multi)
+  diffs = cos - multi
+  assert row(c10, "head CKA (×100)") == ["head CKA (×100)", f"{diffs.mean():+.2f}",
+                                         f"{diffs.std(ddof=1):.2f}", "3", f"{t:.3f}", f"{p:.3g}"]
+  assert "multi_cos − multi (final head CKA ×100): multi_cos is significantly lower" in c10
+  gaps = {v: 100 * (np.array(FINAL[v]) - np.array(PROBE[v]).max(axis=1))
+          for v in ("multi", "multi_cos")}
+  assert row(c10, "fused − best head")[1] == f"{(gaps['multi_cos'] - gaps['multi']).mean():+.2f}"
+  probe_all = 100 * (np.array(PROBE_ALL["multi_cos"]) - np.array(PROBE_ALL["multi"]))
+  assert row(c10, "all-heads probe acc")[1:4] == [f"{probe_all.mean():+.2f}",
+                                                  f"{probe_all.std(ddof=1):.2f}", "3"]
+  for label in ("mean head probe acc", "mean ablation drop"):
+    assert row(c10, label)[3] == "3"
+
+
+def test_old_results_without_head_measures_show_dashes(tmp_path):
+  make_sweep(str(tmp_path))
+  c10 = sections(render(tmp_path))["cifar10 / seresnet18"]
+  for variant, heads in (("single", 1), ("multi", 2), ("multi_cos", 2)):
+    assert row(heads_table(c10), f"{variant} × {heads}")[1:] == ["–"] * 5
+  for label in ("head CKA (×100)", "mean head probe acc", "all-heads probe acc",
+                "mean ablation drop", "fused − best head"):
+    assert row(c10, label)[1:4] == ["–", "–", "0"]
+  assert "(final head CKA" not in c10  # no sentence on what no run has
+
+
+def write_dose_sweep(root, settings):
+  """cifar10/seresnet18 seeds 0-1: multi (weight 0), and multi_cos at each (kind, weight) of
+  `settings`, {setting: (final accuracies, final head CKAs)}."""
+  for seed in (0, 1):
+    write_run(root, f"multi/s{seed}", dataset="cifar10", arch="seresnet18", variant="multi",
+              seed=seed, best=0.75, final=0.75 + 0.01 * seed, penalty=("cos", 0.0),
+              measures=head_measures(0.6, [0.7, 0.7], 0.72, [0.01, 0.01]))
+    for (kind, weight), (accs, ckas) in settings.items():
+      write_run(root, f"{kind}{weight}/s{seed}", dataset="cifar10", arch="seresnet18",
+                variant="multi_cos", seed=seed, best=accs[seed], final=accs[seed],
+                penalty=(kind, weight),
+                measures=head_measures(ckas[seed], [0.7, 0.7], 0.72, [0.01, 0.01]))
+
+
+def test_penalty_settings_are_rows_of_their_own_with_a_dose(tmp_path):
+  settings = {("cos", 0.1): ([0.76, 0.78], [0.5, 0.4]),
+              ("cos", 1.0): ([0.77, 0.80], [0.2, 0.1]),
+              ("cka", 1.0): ([0.74, 0.73], [0.05, 0.03])}
+  write_dose_sweep(str(tmp_path), settings)
+  point = dict(dataset="cifar10", arch="seresnet18")
+  planned = [dict(point, variant="multi", seed=seed, workdir=f"multi/s{seed}") for seed in (0, 1)]
+  planned += [dict(point, variant="multi_cos", kind=kind, weight=weight, seed=seed,
+                   workdir=f"{kind}{weight}/s{seed}")
+              for kind, weight in settings for seed in (0, 1, 2)]
+  (tmp_path / "sweep.json").write_text(json.dumps({"runs": planned}))
+  assert report.main([str(tmp_path)]) == 0
+  assert_png(tmp_path / "dose.png")
+  md = (tmp_path / "report.md").read_text()
+  assert "heads.png, dose.png." in md
+  assert "- cifar10 / seresnet18 / multi_cos, seed 2" in sections(md)["Missing / in progress"]
+  c10 = sections(md)["cifar10 / seresnet18"]
+  table = c10.split("###")[0]
+  assert [l.split(" | ")[0] for l in table.splitlines() if l.startswith("| multi")] == [
+      "| multi", "| multi_cos cka w=1", "| multi_cos cos w=0.1", "| multi_cos cos w=1"]
+  for (kind, weight), (accs, _) in settings.items():
+    cells = row(table, f"multi_cos {kind} w={weight:g}")
+    assert cells[3] == pm(accs) and cells[4] == "2 finished / 2 found (of 3 planned)", cells
+    # The paper's number goes with the paper's penalty only.
+    assert cells[-1] == ("77.11" if (kind, weight) == ("cos", 1.0) else "–")
+    # Each setting paired with multi on its own.
+    paired = c10.split(f"### multi_cos {kind} w={weight:g} − multi, paired by seed")[1]
+    diffs = 100 * (np.array(accs) - [0.75, 0.76])
+    assert row(paired.split("###")[0], "final acc")[1:4] == [
+        f"{diffs.mean():+.2f}", f"{diffs.std(ddof=1):.2f}", "2"]
+  dose = c10.split("### Dose")[1].split("###")[0]
+  lines = [l for l in dose.splitlines() if l.startswith("| ") and "---" not in l][1:]
+  assert [l.split(" | ")[:2] for l in lines] == [
+      ["| – (multi)", "0"], ["| cka", "1"], ["| cos", "0.1"], ["| cos", "1"]]
+  assert lines[1].split(" | ")[2:] == [pm([0.74, 0.73]), "0.050 ± 0.000", "0.040 ± 0.014",
+                                       "2 |"]
+  runs = report.load_runs(report.find_results([str(tmp_path)]), print)
+  summary = report.summary_text(report.aggregate(runs), runs, [], str(tmp_path))
+  assert "  multi_cos cka w=1 − multi (best accuracy): " in summary
+
+
+def test_one_penalty_setting_is_one_multi_cos_row_and_no_dose(tmp_path):
+  write_dose_sweep(str(tmp_path), {("cka", 0.1): ([0.76, 0.78], [0.5, 0.4])})
+  assert report.main([str(tmp_path)]) == 0
+  md = (tmp_path / "report.md").read_text()
+  assert not (tmp_path / "dose.png").exists()
+  assert "Figures: comparison.png, curves.png, diversity.png, heads.png." in md  # no dose.png
+  c10 = sections(md)["cifar10 / seresnet18"]
+  assert row(c10, "multi_cos")[3] == pm([0.76, 0.78]) and "### Dose" not in c10
+  assert "### multi_cos − multi, paired by seed" in c10
+
+
+def test_parameter_matched_pairs_close_param_counts_across_archs(tmp_path):
+  def write(arch, variant, params, accs, dataset="cifar10"):
+    for seed, acc in enumerate(accs):
+      write_run(str(tmp_path), f"{dataset}/{arch}/{variant}/s{seed}", dataset=dataset,
+                arch=arch, variant=variant, seed=seed, best=acc, final=acc - 0.01,
+                num_params=params)
+  write("seresnet18", "multi", 22_543_508, [0.77, 0.78])  # two 11.27M heads
+  write("seresnet34", "single", 21_289_802, [0.76, 0.765, 0.77])  # within 20%: matched
+  write("seresnet101", "single", 42_490_000, [0.79, 0.80])  # 88% more: not matched
+  write("seresnet34", "single", 21_289_802, [0.5, 0.5], dataset="caltech101")  # other data
+  sec = sections(render(tmp_path))
+  assert list(sec)[-2:] == ["Parameter-matched", "Missing / in progress"]
+  matched = sec["Parameter-matched"]
+  assert "no test" in matched
+  lines = [l for l in matched.splitlines() if l.startswith("| cifar10 ")]
+  assert len(lines) == 1 and "seresnet101" not in matched and "caltech101" not in matched
+  cells = [c.strip() for c in lines[0].strip("|").split("|")]
+  assert cells == ["cifar10", "seresnet18 × 2 (multi)", "22,543,508", pm([0.77, 0.78]),
+                   pm([0.76, 0.77]), "2", "seresnet34 × 1", "21,289,802",
+                   pm([0.76, 0.765, 0.77]), pm([0.75, 0.755, 0.76]), "3"]
+
+  for path in report.find_results([str(tmp_path / "cifar10" / "seresnet34")]):
+    os.remove(path)
+  assert "Parameter-matched" not in sections(render(tmp_path))  # seresnet101 only: too far
