@@ -47,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--batch", type=int, default=None,
                  help="global eval batch size (default: the run's eval_batch_size or "
                       "batch_size)")
+  p.add_argument("--probe-examples", type=int, default=0, metavar="N",
+                 help="also fit the heads' linear probes on about N training examples "
+                      "(default 0: none; training runs them at their last evaluation)")
   return p
 
 
@@ -76,7 +79,8 @@ def _mesh(config) -> jax.sharding.Mesh:
     return sharding.make_mesh((-1, 1))
 
 
-def evaluate(workdir: str, split=None, which: str = "latest", batch=None) -> dict:
+def evaluate(workdir: str, split=None, which: str = "latest", batch=None,
+             probe_examples: int = 0) -> dict:
   """Evaluates the run in `workdir` at checkpoint `which` on `split`; returns what
   eval_<split>_<step>.json holds (written by `main`). Raises RunError, DatasetError or
   UsageError for a mistake, before anything is computed."""
@@ -110,26 +114,30 @@ def evaluate(workdir: str, split=None, which: str = "latest", batch=None) -> dic
   finally:
     ckpts.close()
   _, make_iter = data.eval_batches(config.dataset, global_batch_size=batch)
-  result = evaluation.evaluate_split(trainer.eval_step, state, make_iter, trainer.batch_sharding,
-                                step)
+  probe_iter = probe_examples and data.eval_batches(
+      config.dataset, global_batch_size=batch, side="train", max_examples=probe_examples)[1]
+  result = evaluation.evaluate_split(trainer.eval_step, state, make_iter,
+                                     trainer.batch_sharding, step, probe_iter or None)
   return dict(workdir=workdir, split=split, step=step, checkpoint=which, batch_size=batch,
               mesh=list(mesh.shape.values()), variant=config.variant,
               num_heads=config.model.num_heads, **result)
 
 
 def summary_line(result: dict, path: str) -> str:
-  cos = result["eval_head_cosine"]
+  heads = evaluation.console_line(result)  # cosine, CKA, ablations (and probes) of the heads
   return (f"{result['split']} at step {result['step']}: accuracy "
-          f"{100 * result['eval_accuracy']:.2f}%, loss {result['eval_loss']:.4f}"
-          + ("" if cos is None else f", head cosine {cos:.3f}")
-          + f" ({result['eval_count']} examples) -> {path}")
+          f"{100 * result['eval_accuracy']:.2f}%, loss {result['eval_loss']:.4f} "
+          f"({result['eval_count']} examples){'; ' + heads if heads else ''} -> {path}")
 
 
 def main(argv) -> int:
   """`argv` without the program name; returns the exit status (0, or 1 for a mistake)."""
   try:
     args = parser().parse_args(argv)
-    result = evaluate(args.workdir, args.split, args.step, args.batch)
+    if args.probe_examples < 0:
+      raise UsageError(f"--probe-examples {args.probe_examples}: give a number of training "
+                       "examples >= 0 (0: no probes)")
+    result = evaluate(args.workdir, args.split, args.step, args.batch, args.probe_examples)
   except (UsageError, runs.RunError, data.DatasetError) as e:
     print(f"featdiv_jax: error: {e}", file=sys.stderr)
     return 1

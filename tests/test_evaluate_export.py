@@ -91,8 +91,10 @@ def test_evaluate_reproduces_the_final_and_an_earlier_evaluation(multi_run, caps
     assert (got["split"], got["step"], got["checkpoint"], got["eval_count"]) == (
         "test", want["step"], which, 360)
     # Exactly: the same compiled eval step on the same state, data and batches.
-    for key in ("eval_accuracy", "eval_loss", "eval_head_cosine"):
+    for key in ("eval_accuracy", "eval_loss", "eval_head_cosine", "eval_head_cka",
+                "eval_head_ablation_accuracy"):
       assert got[key] == want[key], key
+    assert f"heads: cos {want['eval_head_cosine']:.3f}, CKA {want['eval_head_cka']:.3f}" in line
     if which == "latest":
       assert got["eval_accuracy"] == results["final_eval_accuracy"]
       assert got["eval_head_cosine_matrix"] == results["eval_head_cosine_matrix"]
@@ -110,6 +112,15 @@ def test_evaluate_another_split_at_the_best_step(multi_run, capsys):
   assert 0.0 <= got["eval_accuracy"] <= 1.0
   assert np.array(got["eval_head_cosine_matrix"]).shape == (2, 2)
   assert capsys.readouterr().out.startswith(f"train[:40] at step {best}: accuracy")
+  # the probes on request, on an even subset of training examples, as at a run's last eval
+  assert evaluate.main(["--workdir", workdir, "--step", "latest", "--probe-examples",
+                        "100"]) == 0
+  with open(os.path.join(workdir, f"eval_test_{results['step']}.json")) as f:
+    probed = json.load(f)
+  assert probed["eval_probe_examples"] == 96 and len(probed["eval_head_probe_accuracy"]) == 2
+  assert "probe " in capsys.readouterr().out
+  assert evaluate.main(["--workdir", workdir, "--probe-examples", "-1"]) == 1
+  assert "--probe-examples -1" in capsys.readouterr().err
 
 
 # --- export -----------------------------------------------------------------------------------
