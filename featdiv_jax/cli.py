@@ -10,7 +10,8 @@ process, and every mistake is a `configlib.ConfigError` naming the flag and what
 import argparse
 import ast
 import dataclasses
-from typing import Optional, Sequence
+import sys
+from typing import Callable, Optional, Sequence
 
 from absl import flags as absl_flags
 import ml_collections
@@ -162,7 +163,7 @@ def _parse_as(current, text: str):
 
 
 class UsageError(ValueError):
-  """A bad command line of one of the featdiv tools (evaluate, export)."""
+  """A bad command line of one of the featdiv tools (evaluate, export, visualize)."""
 
 
 class ToolParser(argparse.ArgumentParser):
@@ -172,3 +173,19 @@ class ToolParser(argparse.ArgumentParser):
   def error(self, message):
     usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
     raise UsageError(f"{message}; usage: {usage}")
+
+
+def run_tool(argv: Sequence[str], parser: argparse.ArgumentParser,
+             action: Callable[[argparse.Namespace], Optional[str]],
+             mistakes: tuple = (UsageError,)) -> int:
+  """A featdiv tool's main: parse `argv` (without the program name), run `action`, print the
+  line it returns (None: nothing). A mistake of a `mistakes` type is one line
+  `featdiv_jax: error: ...` on stderr and exit status 1; otherwise 0."""
+  try:
+    line = action(parser.parse_args(argv))
+  except mistakes as e:
+    print(f"featdiv_jax: error: {e}", file=sys.stderr)
+    return 1
+  if line is not None:
+    print(line, flush=True)
+  return 0

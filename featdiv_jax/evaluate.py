@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import ml_collections
 
 from featdiv_jax import checkpoint, configlib, data, evaluation, runs, sharding, steps
-from featdiv_jax.cli import ToolParser as _Parser, UsageError
+from featdiv_jax.cli import ToolParser as _Parser, UsageError, run_tool
 from featdiv_jax.files import write_json_atomic
 
 PROG = "python -m featdiv_jax.evaluate"
@@ -132,20 +132,17 @@ def summary_line(result: dict, path: str) -> str:
 
 def main(argv) -> int:
   """`argv` without the program name; returns the exit status (0, or 1 for a mistake)."""
-  try:
-    args = parser().parse_args(argv)
+  def action(args):
     if args.probe_examples < 0:
       raise UsageError(f"--probe-examples {args.probe_examples}: give a number of training "
                        "examples >= 0 (0: no probes)")
     result = evaluate(args.workdir, args.split, args.step, args.batch, args.probe_examples)
-  except (UsageError, runs.RunError, data.DatasetError) as e:
-    print(f"featdiv_jax: error: {e}", file=sys.stderr)
-    return 1
-  path = output_path(result["workdir"], result["split"], result["step"])
-  if jax.process_index() == 0:
+    path = output_path(result["workdir"], result["split"], result["step"])
+    if jax.process_index() != 0:
+      return None
     write_json_atomic(path, result)
-    print(summary_line(result, path), flush=True)
-  return 0
+    return summary_line(result, path)
+  return run_tool(argv, parser(), action, (UsageError, runs.RunError, data.DatasetError))
 
 
 if __name__ == "__main__":

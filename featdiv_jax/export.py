@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 import safetensors.numpy
 
 from featdiv_jax import runs
-from featdiv_jax.cli import ToolParser as _Parser, UsageError
+from featdiv_jax.cli import ToolParser as _Parser, UsageError, run_tool
 from featdiv_jax.models import timm_import
 
 PROG = "python -m featdiv_jax.export"
@@ -131,14 +131,9 @@ def summary_line(r: dict) -> str:
 
 def main(argv) -> int:
   """`argv` without the program name; returns the exit status (0, or 1 for a mistake)."""
-  try:
-    args = parser().parse_args(argv)
-    result = export(args.workdir, args.head, args.step, args.out)
-  except (UsageError, runs.RunError) as e:
-    print(f"featdiv_jax: error: {e}", file=sys.stderr)
-    return 1
-  print(summary_line(result), flush=True)
-  return 0
+  def action(args):
+    return summary_line(export(args.workdir, args.head, args.step, args.out))
+  return run_tool(argv, parser(), action, (UsageError, runs.RunError))
 
 
 if __name__ == "__main__":

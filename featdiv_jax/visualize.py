@@ -47,7 +47,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from featdiv_jax import data, runs, steps
-from featdiv_jax.cli import ToolParser as _Parser, UsageError
+from featdiv_jax.cli import ToolParser as _Parser, UsageError, run_tool
 from featdiv_jax.evaluate import with_defaults
 
 PROG = "python -m featdiv_jax.visualize"
@@ -214,14 +214,9 @@ def summary_line(result: dict) -> str:
 
 def main(argv) -> int:
   """`argv` without the program name; returns the exit status (0, or 1 for a mistake)."""
-  try:
-    args = parser().parse_args(argv)
-    result = visualize(args.workdir, args.images, args.split, args.step, args.out)
-  except (UsageError, runs.RunError, data.DatasetError) as e:
-    print(f"featdiv_jax: error: {e}", file=sys.stderr)
-    return 1
-  print(summary_line(result), flush=True)
-  return 0
+  def action(args):
+    return summary_line(visualize(args.workdir, args.images, args.split, args.step, args.out))
+  return run_tool(argv, parser(), action, (UsageError, runs.RunError, data.DatasetError))
 
 
 if __name__ == "__main__":

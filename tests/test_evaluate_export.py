@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from featdiv_jax import checkpoint, evaluate, export, models, progress, runs, sharding, steps, train
-from featdiv_jax import workdir as workdir_lib
+from featdiv_jax import evaluate, export, models, runs, steps, train
 from featdiv_jax.models import timm_import
-from tests_util import ROOT, load_config
+from tests_util import ROOT, load_config, save_random_run
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,23 +49,7 @@ def single_run(tmp_path_factory, digits_dir):
   and no train step has to compile."""
   workdir = str(tmp_path_factory.mktemp("single"))
   config = load_config("digits", "single,smoke", **{"dataset.data_dir": digits_dir})
-  trainer = steps.make_trainer(config, 10, sharding.make_mesh(config.mesh), total_steps=6)
-  rng = np.random.default_rng(0)
-
-  def fill(path, leaf):
-    if not np.issubdtype(leaf.dtype, np.floating):
-      return np.zeros(leaf.shape, leaf.dtype)
-    if getattr(path[-1], "key", None) == "var":
-      return rng.uniform(0.5, 1.5, leaf.shape).astype(leaf.dtype)
-    return (0.2 * rng.normal(size=leaf.shape)).astype(leaf.dtype)
-
-  state = jax.tree_util.tree_map_with_path(fill, trainer.abstract_state)
-  state = state.replace(step=np.asarray(5, np.int32))
-  workdir_lib.record_config(workdir, config)
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"))
-  ckpts.save(5, state, progress.Progress().to_json())
-  ckpts.wait()
-  ckpts.close()
+  state = save_random_run(workdir, config, [5])
   return workdir, state
 
 

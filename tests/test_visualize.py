@@ -6,24 +6,13 @@ import os
 import pathlib
 import struct
 
-import jax
 import numpy as np
 import pytest
 
-from featdiv_jax import checkpoint, progress, sharding, steps, visualize
-from featdiv_jax import workdir as workdir_lib
-from tests_util import load_config
+from featdiv_jax import visualize
+from tests_util import load_config, save_random_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def quick_compiles():
-  """XLA's optimisations off for this module (tiny models: compiling is most of the cost)."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(scope="module")
@@ -38,24 +27,7 @@ def saved_run(tmp_path_factory, digits_dir, name, arg, **overrides):
   and no train step has to compile (training the two runs costs minutes on 2 busy cores)."""
   workdir = str(tmp_path_factory.mktemp(name))
   config = load_config("digits", arg, **{"dataset.data_dir": digits_dir, **overrides})
-  trainer = steps.make_trainer(config, 10, sharding.make_mesh(config.mesh), total_steps=2)
-  rng = np.random.default_rng(0)
-
-  def fill(path, leaf):
-    if not np.issubdtype(leaf.dtype, np.floating):
-      return np.zeros(leaf.shape, leaf.dtype)
-    if getattr(path[-1], "key", None) == "var":
-      return rng.uniform(0.5, 1.5, leaf.shape).astype(leaf.dtype)
-    return (0.2 * rng.normal(size=leaf.shape)).astype(leaf.dtype)
-
-  workdir_lib.record_config(workdir, config)
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"))
-  for step in (1, 2):
-    state = jax.tree_util.tree_map_with_path(fill, trainer.abstract_state)
-    ckpts.save(step, state.replace(step=np.asarray(step, np.int32)),
-               progress.Progress().to_json())
-  ckpts.wait()
-  ckpts.close()
+  save_random_run(workdir, config, [1, 2])
   return workdir
 
 
