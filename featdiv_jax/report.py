@@ -244,6 +244,8 @@ class MissingRun:
   workdir: Optional[str]
   source: str
   protocol: str = SCRATCH
+  kind: Optional[str] = None      # the penalty setting a sweep's dose axes planned it with
+  weight: Optional[float] = None
 
 
 class MeanStd(NamedTuple):
@@ -587,7 +589,7 @@ def missing_runs(runs, plan: Optional[list]) -> list:
   without a plan, within each (dataset, protocol, arch) a variant lacking a seed that another
   has."""
   if plan is not None:
-    fields = {field.name for field in dataclasses.fields(MissingRun)}  # not the penalty's
+    fields = {field.name for field in dataclasses.fields(MissingRun)}
     return [MissingRun(**{k: v for k, v in dataclasses.asdict(planned).items() if k in fields},
                        source=PLANNED) for planned in plan
             if not any(is_done_by(planned, run) for run in runs)]
@@ -1298,6 +1300,9 @@ def _parameter_matched_section(matches: list) -> list:
 
 
 def _fmt_missing(missing: MissingRun) -> str:
+  if missing.kind is not None or missing.weight is not None:  # a point of the dose axes
+    missing = dataclasses.replace(missing, variant=setting_label(missing.variant, missing.kind,
+                                                                 missing.weight))
   text = f"- {run_title(missing)}, seed {'?' if missing.seed is None else missing.seed}"
   if missing.workdir:
     text += f" (workdir `{missing.workdir}`)"

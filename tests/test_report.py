@@ -547,7 +547,9 @@ def test_penalty_settings_are_rows_of_their_own_with_a_dose(tmp_path):
   assert_png(tmp_path / "dose.png")
   md = (tmp_path / "report.md").read_text()
   assert "heads.png, dose.png." in md
-  assert "- cifar10 / seresnet18 / multi_cos, seed 2" in sections(md)["Missing / in progress"]
+  missing = sections(md)["Missing / in progress"]
+  for label in ("multi_cos cos w=0.1", "multi_cos cos w=1", "multi_cos cka w=1"):
+    assert f"- cifar10 / seresnet18 / {label}, seed 2" in missing   # each point named
   c10 = sections(md)["cifar10 / seresnet18"]
   table = c10.split("###")[0]
   assert [l.split(" | ")[0] for l in table.splitlines() if l.startswith("| multi")] == [
