@@ -238,6 +238,15 @@ def table(r: dict) -> str:
 
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--e2e", action="store_true",
+                 help="time the training loop against its step on --config's data "
+                 "(featdiv_jax.bench_e2e; needs TensorFlow)")
+  p.add_argument("--config", default="configs/digits.py:multi_cos",
+                 help="--e2e: the config (FILE.py:variant[,key=value...])")
+  p.add_argument("--data-dir", default=None,
+                 help="--e2e: dataset.data_dir for the config (default: the config's)")
+  p.add_argument("--pipeline-batches", type=int, default=40,
+                 help="--e2e: batches the input pipeline is timed for alone")
   p.add_argument("--arch", default="seresnet18", choices=sorted(models.ARCHS))
   p.add_argument("--heads", type=int, default=2)
   p.add_argument("--image-size", type=int, default=32)
@@ -262,6 +271,8 @@ def parse_args(argv):
     p.error("--heads, --batch and --steps must be >= 1 and --image-size >= 8")
   if args.rounds < 1:
     p.error(f"--rounds must be >= 1, got {args.rounds}")
+  if args.e2e and (args.vs or args.pipeline_batches < 1):
+    p.error("--e2e takes no --vs, and --pipeline-batches must be >= 1")
   for spec in args.vs:
     if spec != "impl=torch":
       try:
@@ -273,6 +284,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.e2e:
+    from featdiv_jax import bench_e2e  # pylint: disable=g-import-not-at-top  # imports TF
+    return bench_e2e.main(args)
   result = compare(args) if args.vs else run(args)
   print(table(result), flush=True)
   if args.vs:

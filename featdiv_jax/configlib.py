@@ -118,6 +118,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.mean = (0.5, 0.5, 0.5)    # normalisation, in [0, 1] pixel units
   c.dataset.std = (0.5, 0.5, 0.5)
   c.dataset.shuffle_buffer = 10_000
+  c.dataset.cache = "auto"            # decoded images in memory: auto (when they fit) | memory | none
   c.dataset.train_crop = "random"     # random (after pad) | center (the notebooks' CenterCrop)
   c.dataset.grayscale = False         # convert to grayscale, repeated to 3 channels
   c.dataset.exclude_classes = ()      # class names or indices dropped from both splits
@@ -429,12 +430,12 @@ def validate(c, num_devices: int, process_count: int = 1,
   """
   # Imported here, not at the top: configs and the sweep import configlib without jax or TF.
   from featdiv_jax import losses, models, optim, sharding  # pylint: disable=import-outside-toplevel
-  from featdiv_jax.data.errors import DATASETS, TRAIN_CROPS  # pylint: disable=g-import-not-at-top
+  from featdiv_jax.data import errors as data_errors  # pylint: disable=g-import-not-at-top
   _validate_run(c)
   _validate_model(c, models)
   _validate_penalty(c, losses.PENALTY_KINDS)
   _validate_optimizer(c, optim)
-  _validate_dataset(c, DATASETS, TRAIN_CROPS)
+  _validate_dataset(c, data_errors)
   _validate_mesh(c, num_devices, process_count, sharding)
   if c.model.init_from and not init_from_pending:
     _validate_init_from(c, models)
@@ -518,9 +519,9 @@ def _validate_optimizer(c, optim) -> None:
          "True or False")
 
 
-def _validate_dataset(c, datasets, train_crops) -> None:
+def _validate_dataset(c, data_errors) -> None:
   d, stem = c.dataset, c.model.stem
-  _one_of(c, "dataset.name", datasets)
+  _one_of(c, "dataset.name", data_errors.DATASETS)
   _check(isinstance(d.data_dir, str), "dataset.data_dir", d.data_dir,
          "a directory path, or '' for the TFDS default")
   for field in ("train_split", "eval_split"):
@@ -539,7 +540,9 @@ def _validate_dataset(c, datasets, train_crops) -> None:
     _check(len(value) == 3 and all(_is_number(v) for v in value),
            f"dataset.{field}", value, "three finite numbers (R, G, B)")
   _check(all(s > 0 for s in d.std), "dataset.std", tuple(d.std), "three numbers > 0")
-  _one_of(c, "dataset.train_crop", train_crops)
+  _one_of(c, "dataset.train_crop", data_errors.TRAIN_CROPS)
+  if "cache" in d:  # configs saved before the field read as "auto"
+    _one_of(c, "dataset.cache", data_errors.CACHE_MODES)
   _check(isinstance(d.grayscale, bool), "dataset.grayscale", d.grayscale, "True or False")
   valid = "a tuple of class names or indices >= 0"
   excluded = _sequence(c, "dataset.exclude_classes", valid)

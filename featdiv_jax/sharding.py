@@ -8,7 +8,9 @@ axis of n devices, only its own K/n heads (`models.multihead`; docs/performance.
 parallelism and grouped convolutions").
 """
 
-from typing import Any, Sequence
+import collections
+import itertools
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -73,3 +75,21 @@ def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
   """This process's slice of the batch -> global arrays sharded over `data`."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+PREFETCH = 2  # batches on the device ahead of the one a step is running on
+
+
+def prefetch(local_batches: Iterator[dict], sharding: NamedSharding, size: int = PREFETCH
+             ) -> Iterator[dict]:
+  """`global_batch` of each local batch, made `size` batches ahead of the one yielded.
+
+  The loop asks for batch t just before dispatching step t, while step t - 1 still runs on the
+  device (dispatch is asynchronous): this takes batch t + size from the host pipeline and
+  starts its transfer then, so the transfers overlap the running steps. Same batches, same order.
+  """
+  queue = collections.deque(global_batch(b, sharding)
+                            for b in itertools.islice(local_batches, size))
+  while queue:
+    queue.extend(global_batch(b, sharding) for b in itertools.islice(local_batches, 1))
+    yield queue.popleft()

@@ -44,6 +44,16 @@ def init_state(model, tx, rng: jax.Array, image_size: int) -> TrainState:
                     opt_state=tx.init(variables["params"]))
 
 
+def normalize_images(images, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+  """uint8 pixels (the data pipeline's batches) -> float32 `(x / 255 - mean) / std` per RGB
+  channel, computed on the device inside the compiled step; any other dtype is taken as model
+  inputs already (synthetic benchmark batches, the tests' arrays) and passed through."""
+  if images.dtype != jnp.uint8:
+    return images
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
 def _head_measures(features, kind):
   """(penalty value of `kind`, mean cosine) between heads; zeros for one head."""
   if features.shape[0] < 2:
@@ -54,8 +64,10 @@ def _head_measures(features, kind):
 
 def train_step(state: TrainState, batch: dict, *, model, tx, penalty_weight: float,
                penalty_kind: str, seed, learning_rate_fn=None,
-               skip_nonfinite: bool = False):
+               skip_nonfinite: bool = False, pixels=((0.0,) * 3, (1.0,) * 3)):
   """One update. Dropout noise is `fold_in(key(seed), step)`: a resumed run repeats it exactly.
+
+  `pixels`: the (mean, std) that uint8 batch images are normalised with (`normalize_images`).
 
   `seed` is an int or its key `jax.random.key(seed)`; passed as a key argument of the compiled
   step, runs that differ only in their seed share one compiled program.
@@ -68,8 +80,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, penalty_weight: flo
 
   def loss_fn(params):
     (logits, features), updates = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, batch["image"], True,
-        mutable=["batch_stats"], rngs={"dropout": rng})
+        {"params": params, "batch_stats": state.batch_stats},
+        normalize_images(batch["image"], *pixels), True, mutable=["batch_stats"],
+        rngs={"dropout": rng})
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     penalty, head_cosine = _head_measures(features, penalty_kind)
     # Without a weight the penalty is still measured (for the diversity report), not trained on.
@@ -106,8 +119,9 @@ def _is_key(x) -> bool:
 PER_EXAMPLE = ("pooled", "label", "mask")
 
 
-def eval_step(state: TrainState, batch: dict, *, model):
+def eval_step(state: TrainState, batch: dict, *, model, pixels=((0.0,) * 3, (1.0,) * 3)):
   """Masked sums over one eval batch (padding examples have mask False), and its examples.
+  uint8 images are normalised with `pixels` = (mean, std) first.
 
   Sums: loss_sum, correct, count; cosine_sum, the (K, K) per-example mean cosine between heads
   summed over real examples; ablation_correct, (K,) correct predictions with head k's map
@@ -117,8 +131,8 @@ def eval_step(state: TrainState, batch: dict, *, model):
   what fills it. The analysis of the heads (CKA, linear probes) reads these.
   """
   logits, features, ablated = model.apply(
-      {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], False,
-      ablation_mask=batch["mask"])
+      {"params": state.params, "batch_stats": state.batch_stats},
+      normalize_images(batch["image"], *pixels), False, ablation_mask=batch["mask"])
   mask = batch["mask"].astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
@@ -142,15 +156,15 @@ class SeededStep:
   jitted: Callable
   seed_key: jax.Array
 
-  def __call__(self, state, batch):
-    return self.jitted(state, batch, self.seed_key)
+  def __call__(self, state, batch, *rest):
+    return self.jitted(state, batch, self.seed_key, *rest)
 
-  def lower(self, state, batch):
-    return self.jitted.lower(state, batch, self.seed_key)
+  def lower(self, state, batch, *rest):
+    return self.jitted.lower(state, batch, self.seed_key, *rest)
 
-  def compile(self, state, batch) -> "SeededStep":
+  def compile(self, state, batch, *rest) -> "SeededStep":
     """The step compiled ahead of time for these input shapes, called the same way."""
-    return SeededStep(self.lower(state, batch).compile(), self.seed_key)
+    return SeededStep(self.lower(state, batch, *rest).compile(), self.seed_key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +173,11 @@ class Trainer:
 
   `train_step(state, batch)` returns `(state, metrics)` -- plus `metrics_fn(metrics)` when one
   was given -- and donates the old state; `eval_step(state, batch)` returns `eval_step`'s sums
-  and per-example outputs.
-  Both take and return arrays laid out by `state_shardings` / `batch_sharding`.
+  and per-example outputs. With an `accumulate_fn`, `loop_step(state, batch, carry)` returns
+  `(state, accumulate_fn(carry, metrics, step))` and donates both: the training loop's step,
+  whose metrics never leave the device; `make_carry(*args)` is `carry_fn(*args)` compiled onto
+  the mesh (replicated).
+  All take and return arrays laid out by `state_shardings` / `batch_sharding`.
   """
   model: models.MultiHeadNet
   tx: optax.GradientTransformation
@@ -171,6 +188,8 @@ class Trainer:
   batch_sharding: NamedSharding
   train_step: SeededStep
   eval_step: Callable
+  loop_step: Optional[SeededStep] = None
+  make_carry: Optional[Callable] = None
 
   def init_state(self, rng: jax.Array) -> TrainState:
     """A fresh state, created directly in its shardings."""
@@ -179,14 +198,18 @@ class Trainer:
 
 def make_trainer(config, num_classes: int, mesh: jax.sharding.Mesh, *, total_steps: int,
                  steps_per_epoch: int = 0, heads_impl: str = "vmap",
-                 metrics_fn: Optional[Callable] = None) -> Trainer:
+                 metrics_fn: Optional[Callable] = None,
+                 accumulate_fn: Optional[Callable] = None,
+                 carry_fn: Optional[Callable] = None) -> Trainer:
   """The one place where a config becomes a model, an optimizer and jitted train/eval steps.
 
   `total_steps` (and `steps_per_epoch`, for schedules in epochs) set the learning-rate
   schedule. `metrics_fn`, a pure function of one
   step's metrics dict, is traced into the compiled train step (the loop uses it to build its clu
-  metrics without leaving the step). `heads_impl="loop"` builds K separate head modules instead
-  of the vmapped stack (the benchmark's comparison).
+  metrics without leaving the step). `accumulate_fn(carry, metrics, step)` and `carry_fn` (the
+  carry's constructor), pure functions, make `loop_step` and `make_carry`. `heads_impl="loop"`
+  builds K separate head modules instead of the vmapped stack (the benchmark's comparison).
+  uint8 batch images are normalised in the steps with `config.dataset.mean` / `std`.
   """
   model = build_model(config.model, num_classes, heads_impl)
   tx, lr_fn = make_optimizer(config.optimizer, total_steps, config.model.frozen_heads,
@@ -196,22 +219,35 @@ def make_trainer(config, num_classes: int, mesh: jax.sharding.Mesh, *, total_ste
   state_sh = sharding.state_shardings(mesh, abstract, config.model.num_heads)
   batch_sh = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
+  pixels = (tuple(config.dataset.mean), tuple(config.dataset.std))
+  step_fn = functools.partial(
+      train_step, model=model, tx=tx, penalty_weight=config.penalty.weight,
+      penalty_kind=config.penalty.kind, learning_rate_fn=lr_fn,
+      skip_nonfinite=config.skip_nonfinite, pixels=pixels)
 
   def train_and_summarise(state, batch, seed_key):
-    state, metrics = train_step(
-        state, batch, model=model, tx=tx, penalty_weight=config.penalty.weight,
-        penalty_kind=config.penalty.kind, seed=seed_key, learning_rate_fn=lr_fn,
-        skip_nonfinite=config.skip_nonfinite)
+    state, metrics = step_fn(state, batch, seed=seed_key)
     return (state, metrics) if metrics_fn is None else (state, metrics, metrics_fn(metrics))
+
+  def train_and_accumulate(state, batch, seed_key, carry):
+    state, metrics = step_fn(state, batch, seed=seed_key)
+    return state, accumulate_fn(carry, metrics, state.step)
 
   outputs = (state_sh, replicated) + ((replicated,) if metrics_fn is not None else ())
   compiled = jax.jit(train_and_summarise, in_shardings=(state_sh, batch_sh, replicated),
                      out_shardings=outputs, donate_argnums=0)
+  # Made by a compiled function: device_put cannot place a value on other processes' devices.
+  seed_key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=replicated)()
+  loop_step = make_carry = None
+  if accumulate_fn is not None:
+    loop_step = SeededStep(jax.jit(
+        train_and_accumulate, in_shardings=(state_sh, batch_sh, replicated, replicated),
+        out_shardings=(state_sh, replicated), donate_argnums=(0, 3)), seed_key)
+    make_carry = jax.jit(carry_fn, out_shardings=replicated)
   return Trainer(
       model=model, tx=tx, learning_rate_fn=lr_fn, init_fn=init_fn, abstract_state=abstract,
       state_shardings=state_sh, batch_sharding=batch_sh,
-      # Made by a compiled function: device_put cannot place a value on other processes' devices.
-      train_step=SeededStep(compiled, jax.jit(lambda: jax.random.key(config.seed),
-                                              out_shardings=replicated)()),
-      eval_step=jax.jit(functools.partial(eval_step, model=model),
-                        in_shardings=(state_sh, batch_sh), out_shardings=replicated))
+      train_step=SeededStep(compiled, seed_key),
+      eval_step=jax.jit(functools.partial(eval_step, model=model, pixels=pixels),
+                        in_shardings=(state_sh, batch_sh), out_shardings=replicated),
+      loop_step=loop_step, make_carry=make_carry)

@@ -71,16 +71,17 @@ def train_runs(runs: list, workdir: str) -> dict:
           for sub, config in runs}
 
 
-def train_validated(config, workdir: str) -> dict:
+def train_validated(config, workdir: str, **run_options) -> dict:
   """Trains a config that `configlib.validate` accepted; the workdir is checked and locked
-  before anything is written."""
+  before anything is written. `run_options`: TrainingRun's keyword arguments (the end-to-end
+  benchmark shares one trainer between runs and turns checkpoints off)."""
   workdir = os.path.abspath(workdir)
   info = data.dataset_info(config.dataset)
   workdir_lib.check(workdir, config)
   with guards.WorkdirLock(workdir), guards.PreemptionWatch() as preemption:
     if jax.process_index() == 0:
       workdir_lib.record_config(workdir, config)
-    return TrainingRun(config, workdir, info).train(preemption)
+    return TrainingRun(config, workdir, info, **run_options).train(preemption)
 
 
 def results_json(config, progress: Progress, schedule: Schedule, num_params: int) -> dict:
@@ -102,19 +103,22 @@ def results_json(config, progress: Progress, schedule: Schedule, num_params: int
 
 
 class TrainingRun:
-  """One model's training in one workdir: its compiled steps, checkpoints and progress."""
+  """One model's training in one workdir: its compiled steps, checkpoints and progress.
 
-  def __init__(self, config, workdir: str, info: data.DatasetInfo):
+  `trainer`: one `make_trainer` built for this config (and `train_size`) before, whose compiled
+  steps are reused; `checkpoints=False` neither restores nor saves (the benchmark's runs).
+  """
+
+  def __init__(self, config, workdir: str, info: data.DatasetInfo, *,
+               trainer: steps.Trainer | None = None, checkpoints: bool = True):
     self.config, self.workdir = config, workdir
     self.schedule = Schedule.of(config, info.train_size)
-    self.trainer = steps.make_trainer(
-        config, info.num_classes, sharding.make_mesh(config.mesh),
-        total_steps=self.schedule.total_steps, steps_per_epoch=self.schedule.steps_per_epoch,
-        metrics_fn=metrics.step_metrics)
+    self.trainer = trainer or make_trainer(config, info, self.schedule)
+    self.checkpoints = checkpoints
     self.ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
                                         keep=config.keep_checkpoints, keep_best=config.keep_best)
     self.is_main = jax.process_index() == 0
-    self.unchecked = []  # (step, metrics) whose loss is not yet checked for NaN/inf
+    self.carry = None  # metrics.LoopCarry on the device, while the loop runs
 
   def train(self, preemption: guards.PreemptionWatch) -> dict:
     """Runs (or resumes) the loop to the last step; returns results.json."""
@@ -137,29 +141,36 @@ class TrainingRun:
     return self.results(progress)
 
   def loop(self, state, progress: Progress, preemption):
-    """Each step: train, then log, evaluate, checkpoint or stop for a preemption when due."""
+    """Each step: train, then log, evaluate, checkpoint or stop for a preemption when due.
+
+    A step is one asynchronous dispatch: batches arrive on the device ahead of their step
+    (`sharding.prefetch`) as uint8, and the train averages and the NaN guard accumulate inside
+    the compiled step (`metrics.LoopCarry`); the host reads them only at log, eval and
+    checkpoint steps."""
     config, schedule, first = self.config, self.schedule, progress.step + 1
-    batches = data.train_batches(config.dataset, global_batch_size=config.batch_size,
-                                 seed=config.seed, start_step=progress.step)
+    batches = sharding.prefetch(
+        data.train_batches(config.dataset, global_batch_size=config.batch_size,
+                           seed=config.seed, start_step=progress.step),
+        self.trainer.batch_sharding)
     eval_batch = config.eval_batch_size or config.batch_size
     _, self.make_eval_iter = data.eval_batches(config.dataset, global_batch_size=eval_batch)
     probe_examples = configlib.probe_examples(config)
     self.make_probe_iter = probe_examples and data.eval_batches(
         config.dataset, global_batch_size=eval_batch, side="train",
         max_examples=probe_examples)[1]
-    since_log = None
+    self.carry = self.trainer.make_carry(progress.since_eval)
+    self.skipped_before = progress.skipped_steps
     progress.start_clock()
     preemption.start(progress.step)
     if first > schedule.total_steps:
       logging.info("%s already finished at step %d", self.workdir, progress.step)
     for step in range(first, schedule.total_steps + 1):
-      state, summary = self.train_step(state, next(batches), step)
-      since_log = metrics.merge(since_log, summary)
-      progress.since_eval = metrics.merge(progress.since_eval, summary)
+      state, self.carry = self.trainer.loop_step(state, next(batches), self.carry)
+      guards.fault_point("step", step)
+      self.report(step)
       self.time_step(state, progress.watch, is_first=step == first)
       if schedule.due(step, schedule.log_every):
-        self.log_train(step, since_log, progress)
-        since_log = None
+        self.log_train(step, progress)
       evaluated = schedule.due(step, schedule.eval_every)
       if evaluated:
         self.evaluate(step, state, progress)
@@ -168,17 +179,9 @@ class TrainingRun:
       # at each one.
       if preemption.should_stop(step):
         self.stop_for_preemption(step, state, progress)
-      elif schedule.due(step, schedule.checkpoint_every) or new_best:
+      elif self.checkpoints and (schedule.due(step, schedule.checkpoint_every) or new_best):
         self.save(step, state, progress, best=progress.best["eval_accuracy"] if new_best else None)
     return state
-
-  def train_step(self, state, local_batch, step: int):
-    batch = sharding.global_batch(local_batch, self.trainer.batch_sharding)
-    state, step_metrics, summary = self.trainer.train_step(state, batch)
-    guards.fault_point("step", step)
-    self.unchecked.append((step, step_metrics))
-    self.report(step)
-    return state, summary
 
   def time_step(self, state, watch, is_first: bool) -> None:
     """The first step compiles: the stopwatch starts once it is done and counts what follows."""
@@ -188,8 +191,10 @@ class TrainingRun:
     else:
       watch.images += self.config.batch_size
 
-  def log_train(self, step: int, since_log, progress: Progress) -> None:
+  def log_train(self, step: int, progress: Progress) -> None:
     self.check_finite(progress)
+    since_log = jax.device_get(self.carry.since_log)
+    self.carry = self.carry.replace(since_log=self.trainer.make_carry().since_log)
     summary = {f"train_{k}": float(v) for k, v in since_log.compute().items()}
     progress.watch.lap()
     if progress.watch.rate():
@@ -206,7 +211,7 @@ class TrainingRun:
                               self.trainer.batch_sharding, step,
                               self.make_probe_iter if self.probe_due(step, progress) else None)
     self.catch_up(step, progress)
-    train_summary = progress.since_eval.compute()
+    train_summary = jax.device_get(progress.since_eval).compute()
     entry = dict(step=step, epoch=step / self.schedule.steps_per_epoch,
                  train_loss=float(train_summary["loss"]),
                  train_accuracy=float(train_summary["accuracy"]),
@@ -215,6 +220,7 @@ class TrainingRun:
                  eval_time_s=time.perf_counter() - start)
     progress.add_evaluation(entry, result["eval_head_cosine_matrix"],
                             result["eval_head_cka_matrix"])
+    self.carry = self.carry.replace(since_eval=self.trainer.make_carry().since_eval)
     self.writer.write_scalars(step, {k: v for k, v in evaluation.scalars(entry).items()
                                      if k.startswith("eval_")})
     heads = evaluation.console_line(entry)
@@ -251,11 +257,12 @@ class TrainingRun:
   def catch_up(self, step: int, progress: Progress) -> None:
     """Brings `progress` up to `step` after checking every step since the last check."""
     self.check_finite(progress)
+    progress.since_eval = self.carry.since_eval
     progress.advance(step)
 
   def restore_or_init(self) -> tuple:
     """(state, progress) of the latest checkpoint that restores, or a fresh start."""
-    restored = self.ckpts.restore_latest(checkpoint.abstract_with_shardings(
+    restored = self.checkpoints and self.ckpts.restore_latest(checkpoint.abstract_with_shardings(
         self.trainer.abstract_state, self.trainer.state_shardings))
     if restored:
       step, state, saved = restored
@@ -274,24 +281,33 @@ class TrainingRun:
   def check_finite(self, progress: Progress) -> None:
     """Raises NonFiniteError naming the first step whose loss is NaN/inf (nothing is saved
     after it: the last checkpoint stays the last good one); counts skipped steps."""
-    if not self.unchecked:
-      return
-    host = jax.device_get([m for _, m in self.unchecked])
-    step_numbers = [s for s, _ in self.unchecked]
-    self.unchecked.clear()
-    skipped = [float(h["skipped"]) > 0 for h in host]
-    progress.skipped_steps += sum(skipped)
-    step_numbers = [s for s, skip in zip(step_numbers, skipped) if not skip]
-    host = [h for h, skip in zip(host, skipped) if not skip]  # dropped updates are not errors
-    bad = guards.first_nonfinite({k: [h[k] for h in host]
-                                  for k in ("loss", "cross_entropy", "penalty")})
+    progress.skipped_steps = self.skipped_before + int(jax.device_get(self.carry.skipped))
+    bad = metrics.first_bad(self.carry)
     if bad:
-      index, name, value = bad
+      step, name, value = bad
       raise NonFiniteError(
-          f"train {name} is {value} at step {step_numbers[index]}; stopped. The last "
+          f"train {name} is {value} at step {step}; stopped. The last "
           f"checkpoint (step {self.ckpts.latest_step()}) is kept as it was. Lower "
           "optimizer.learning_rate, or set skip_nonfinite=True to skip such updates and count "
           "them")
+
+
+def make_trainer(config, info: data.DatasetInfo, schedule: Schedule | None = None
+                 ) -> steps.Trainer:
+  """The loop's trainer for `config` on its mesh."""
+  schedule = schedule or Schedule.of(config, info.train_size)
+  return steps.make_trainer(
+      config, info.num_classes, sharding.make_mesh(config.mesh),
+      total_steps=schedule.total_steps, steps_per_epoch=schedule.steps_per_epoch,
+      accumulate_fn=metrics.accumulate, carry_fn=metrics.empty_carry)
+
+
+def loop_step(trainer: steps.Trainer):
+  """`(state, device batch, carry or None) -> (state, carry)`: the compiled call the loop makes
+  each step (None: a fresh carry)."""
+  def step(state, batch, carry):
+    return trainer.loop_step(state, batch, trainer.make_carry() if carry is None else carry)
+  return step
 
 
 def initial_state(config, trainer: steps.Trainer) -> tuple:

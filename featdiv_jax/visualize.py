@@ -8,8 +8,8 @@ Restores the run in W at checkpoint `--step` (default: the latest; `best` as for
 data set (default: its `dataset.eval_split`, in stored order) and writes one PNG with one row per
 image and 1 + 2K columns for K heads:
 
-- column 0: the input image, de-normalised with the run's `dataset.mean` / `dataset.std`, titled
-  with its label and the run's prediction;
+- column 0: the input image (the eval pipeline's uint8 crop, which the model sees normalised
+  with the run's `dataset.mean` / `dataset.std`), titled with its label and the run's prediction;
 - per head k, two columns, each overlaid on the image (bilinearly upsampled from the head's
   pre-pool (H, W) feature map to the image size):
   - `hk mean`: the head's mean over its C channels, on one colour scale shared by the row's
@@ -109,13 +109,6 @@ def head_maps(features, image_size: int, top: int = TOP_CHANNELS) -> HeadMaps:
   return HeadMaps(*map(np.asarray, _head_maps(jnp.asarray(features), image_size, top)))
 
 
-def denormalize(images, mean, std) -> np.ndarray:
-  """Normalised images (B, S, S, 3) back to displayable RGB in [0, 1]."""
-  rgb = np.asarray(images, np.float32) * np.asarray(std, np.float32) + np.asarray(
-      mean, np.float32)
-  return np.clip(rgb, 0.0, 1.0)
-
-
 def draw(images: np.ndarray, maps: HeadMaps, labels, predictions, out: str) -> None:
   """Writes the figure of `images` (B, S, S, 3) in [0, 1] and their `maps` to `out` (PNG)."""
   num_heads, num_images = maps.mean.shape[:2]
@@ -193,11 +186,13 @@ def visualize(workdir: str, num_images: int = 8, split=None, which: str = "lates
   examples = first_examples(config.dataset, num_images)
   model = steps.build_model(config.model, info.num_classes)
   variables = {"params": run.state["params"], "batch_stats": run.state["batch_stats"]}
-  logits, features = jax.jit(lambda v, x: model.apply(v, x, False))(
-      variables, examples["image"])
+  pixels = (tuple(config.dataset.mean), tuple(config.dataset.std))
+  logits, features = jax.jit(
+      lambda v, x: model.apply(v, steps.normalize_images(x, *pixels), False))(
+          variables, examples["image"])
   size = examples["image"].shape[1]
   maps = head_maps(features, size)
-  draw(denormalize(examples["image"], config.dataset.mean, config.dataset.std), maps,
+  draw(np.asarray(examples["image"], np.float32) / 255.0, maps,
        np.asarray(examples["label"]), np.asarray(jnp.argmax(logits, -1)), out)
   width, height = figure_size(num_images, config.model.num_heads)
   return dict(out=out, workdir=run.workdir, step=run.step, split=config.dataset.eval_split,

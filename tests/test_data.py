@@ -13,7 +13,9 @@ from sklearn.datasets import load_digits
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from featdiv_jax import data
+import jax
+
+from featdiv_jax import data, steps
 from featdiv_jax.data import digits as digits_lib
 from featdiv_jax.data import pipeline
 from featdiv_jax.data import sources
@@ -41,7 +43,7 @@ def dc(digits_dir):
 
 @pytest.fixture(scope="module")
 def raw_dc(digits_dir):
-  """Digits as stored: 8x8, no augmentation, pixel/255 (so examples can be identified)."""
+  """Digits as stored: 8x8, no augmentation (so examples can be identified)."""
   return make_config(data_dir=digits_dir, image_size=8, resize_size=0, pad=0, flip=False,
                      mean=(0, 0, 0), std=(1, 1, 1))
 
@@ -51,7 +53,7 @@ def ids(batches):
   out = collections.Counter()
   for b in batches:
     mask = b.get("mask", np.ones(len(b["label"]), bool))
-    out.update((int(l), np.round(im * 255).astype(np.uint8).tobytes())
+    out.update((int(l), np.asarray(im, np.uint8).tobytes())
                for im, l in zip(b["image"][mask], b["label"][mask]))
   return out
 
@@ -87,16 +89,18 @@ def test_digits_eval_holds_sklearns_test_images(raw_dc):
   assert ids(batches) == expected
 
 
-def test_digits_train_batches_are_normalised_real_images(dc):
+def test_digits_train_batches_are_uint8_real_images(dc):
   batch = next(data.train_batches(dc, global_batch_size=64, seed=0))  # jax's one process
-  assert batch["image"].shape == (64, 32, 32, 3) and batch["image"].dtype == np.float32
+  assert batch["image"].shape == (64, 32, 32, 3) and batch["image"].dtype == np.uint8
   assert batch["label"].shape == (64,) and batch["label"].dtype == np.int32
   assert batch["label"].min() >= 0 and batch["label"].max() < 10
   assert len(np.unique(batch["label"])) > 3
-  # mean 0.5, std 0.5: black -> -1, white -> +1; every image has ink and background.
-  assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+  # every image has ink and background
   per_image_std = batch["image"].reshape(64, -1).std(axis=1)
-  assert (per_image_std > 0.1).all()
+  assert (per_image_std > 25).all()
+  # the steps' normalisation (mean 0.5, std 0.5): black -> -1, white -> +1
+  x = np.asarray(steps.normalize_images(batch["image"], dc.mean, dc.std))
+  assert x.dtype == np.float32 and x.min() >= -1 and x.max() <= 1 and x.min() < -0.9
 
 
 # --- determinism and resume ---------------------------------------------------------------
@@ -225,16 +229,48 @@ def png(array):
 def test_pad_and_crop_keep_size_and_shift_the_image():
   image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
   prep = Preprocess(image_size=32, pad=4)
-  padded = np.pad(image, ((4, 4), (4, 4), (0, 0))).astype(np.float32) / 255
+  padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
   offsets = set()
   for s in range(12):
     out = prep.train(png(image), tf.constant([0, s], tf.int64)).numpy()
-    assert out.shape == (32, 32, 3)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     hits = [(y, x) for y in range(9) for x in range(9)
-            if np.allclose(out, padded[y:y + 32, x:x + 32])]
+            if np.array_equal(out, padded[y:y + 32, x:x + 32])]
     assert len(hits) == 1
     offsets.add(hits[0])
   assert len(offsets) > 3  # the crop position is random
+
+
+@pytest.mark.parametrize("train_crop", ["random", "center"])
+def test_a_batch_is_augmented_per_image_like_one_image_is(train_crop):
+  # augment_batch (images of one size): each image padded, cropped at its own offset, flipped by
+  # its own coin; the offsets and coins vary over the batch and with the seed.
+  images = np.random.default_rng(0).integers(0, 256, (16, 10, 12, 3), np.uint8)
+  prep = Preprocess(image_size=8, pad=2, flip=True, train_crop=train_crop)
+  padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  placements = set()
+  for s in range(3):
+    out = prep.augment_batch(tf.constant(images), tf.constant([4, s], tf.int64)).numpy()
+    assert out.shape == (16, 8, 8, 3) and out.dtype == np.uint8
+    for b in range(16):
+      hits = [(y, x, flip) for y in range(7) for x in range(9) for flip in (0, 1)
+              if np.array_equal(out[b], padded[b, y:y + 8, x:x + 8][:, ::-1 if flip else 1])]
+      assert hits, "not a (flipped) crop of its own padded image"
+      placements.add(hits[0])
+  if train_crop == "center":  # center_crop's offsets in the padded (14, 16) image, only flipped
+    assert {(y, x) for y, x, _ in placements} == {(3, 4)}
+  else:
+    assert len({(y, x) for y, x, _ in placements}) > 10
+  assert {flip for _, _, flip in placements} == {0, 1}
+
+
+def test_the_static_decoded_shape_is_what_decoding_gives():
+  prep = Preprocess(image_size=8, resize_size=10)
+  image = np.zeros((13, 17, 3), np.uint8)
+  assert prep.static_decoded_shape((13, 17, 3)) == tuple(prep.decoded(png(image)).shape[:2])
+  assert prep.static_decoded_shape((None, None, 3)) is None and prep.static_decoded_shape(None) is None
+  assert Preprocess(image_size=32, pad=4).static_decoded_shape((32, 32, 3)) == (32, 32)
+  assert Preprocess(image_size=32, pad=1).static_decoded_shape((28, 28, 3)) is None  # upscaled
 
 
 def test_flip_mirrors_some_examples_and_only_that():
@@ -250,13 +286,25 @@ def test_flip_mirrors_some_examples_and_only_that():
   assert 0 < flipped < 16
 
 
-def test_eval_center_crop_and_normalisation():
+def test_eval_center_crop_and_normalisation_on_the_device():
   image = np.random.default_rng(2).integers(0, 256, (10, 13, 3), np.uint8)
   prep = Preprocess(image_size=8, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0))
   out = prep.eval(png(image)).numpy()
-  np.testing.assert_array_equal(out, prep.eval(png(image)).numpy())
+  np.testing.assert_array_equal(out, image[1:9, 2:10])  # uint8 pixels, exactly
   want = (image[1:9, 2:10] / 255 - np.array([0.1, 0.2, 0.3])) / np.array([0.5, 0.25, 2.0])
-  np.testing.assert_allclose(out, want, atol=1e-5)
+  normalised = jax.jit(steps.normalize_images, static_argnums=(1, 2))(out, prep.mean, prep.std)
+  np.testing.assert_allclose(normalised, want, atol=1e-6)
+  floats = np.zeros((2, 2, 3), np.float32)  # model inputs already: passed through
+  assert steps.normalize_images(floats, prep.mean, prep.std) is floats
+
+
+def test_resized_images_are_rounded_to_the_nearest_pixel_level():
+  image = np.random.default_rng(3).integers(0, 256, (10, 13, 3), np.uint8)
+  prep = Preprocess(image_size=8, resize_size=9)
+  resized = resize_shorter_side(tf.constant(image, tf.float32), 9).numpy()
+  want = np.clip(np.round(resized), 0, 255).astype(np.uint8)
+  np.testing.assert_array_equal(prep.decoded(png(image)).numpy(), want)
+  assert np.abs(want - resized).max() <= 0.5
 
 
 def test_resize_shorter_side_and_upscale_to_fit():
@@ -299,12 +347,12 @@ def test_imagefolder_reads_grayscale_rgba_and_sorts_classes(folder):
   n, make = data.eval_batches(cfg, global_batch_size=4, process_index=0, process_count=1)
   (batch,) = list(make())
   assert n == 1 and batch["mask"].all()
-  red = batch["image"][..., 0].mean(axis=(1, 2)) > 0.5
+  red = batch["image"][..., 0].mean(axis=(1, 2)) > 127
   np.testing.assert_array_equal(red, batch["label"] == 0)  # a_red sorts first
   train = next(data.train_batches(cfg, global_batch_size=8, seed=0, process_index=0,
                                   process_count=1))
   assert train["image"].shape == (8, 8, 8, 3)
-  pixels = {tuple(np.round(im[0, 0] * 255).astype(int)) for im in train["image"]}
+  pixels = {tuple(int(v) for v in im[0, 0]) for im in train["image"]}
   assert pixels == {(200, 0, 0), (0, 0, 200), (77, 77, 77)}
   assert sorted(train["label"]) == [0] * 4 + [1] * 4
 
@@ -487,7 +535,7 @@ def test_the_eval_split_is_decoded_once(small_folder):
 
 
 def test_an_eval_split_too_large_for_memory_is_read_each_time(small_folder, monkeypatch):
-  monkeypatch.setattr(pipeline, "EVAL_CACHE_MAX_BYTES", 8 * 8 * 3 * 4 - 1)  # under one image
+  monkeypatch.setattr(pipeline, "CACHE_MAX_BYTES", 8 * 8 * 3 - 1)  # under one image
   _, make_iter = data.eval_batches(folder_config(small_folder), global_batch_size=2,
                                    process_index=0, process_count=1)
   list(make_iter())
@@ -495,6 +543,100 @@ def test_an_eval_split_too_large_for_memory_is_read_each_time(small_folder, monk
     image.unlink()
   with pytest.raises(tf.errors.NotFoundError):
     list(make_iter())
+
+
+# --- dataset.cache: decoded images in memory --------------------------------------------------
+
+
+@pytest.fixture
+def jpeg_folder(tmp_path):
+  """24 random JPEGs of mixed sizes and aspects in train/ (3 classes) and 4 in test/."""
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 24), ("test", 4)):
+    for i in range(n):
+      os.makedirs(tmp_path / split / f"c{i % 3}", exist_ok=True)
+      shape = (int(rng.integers(10, 20)), int(rng.integers(10, 20)), 3)
+      tf.io.write_file(str(tmp_path / split / f"c{i % 3}" / f"{i}.jpg"),
+                       tf.io.encode_jpeg(tf.constant(rng.integers(0, 256, shape, np.uint8))))
+  return tmp_path
+
+
+def jpeg_config(root, cache, **overrides):
+  return make_config(**{**dict(name="imagefolder", data_dir=str(root), image_size=8,
+                               resize_size=9, pad=1, flip=True, shuffle_buffer=7, cache=cache),
+                        **overrides})
+
+
+def delete_images(root):
+  for image in root.rglob("*.jpg"):
+    image.unlink()
+
+
+@pytest.mark.parametrize("count,digits", [(1, False), (2, False), (1, True)])
+def test_the_cache_changes_no_batch_over_epochs_and_resumes(jpeg_folder, dc, count, digits):
+  # Mixed-size JPEGs (augmented per image), or the 360 digits test images (one size: augmented
+  # per batch). 24 images, batch 10 over `count` processes: 2 (or 2.4) steps per epoch, 7 steps
+  # = 3+ epochs; digits in batches of 120: 3 per epoch.
+  def stream(cache, start):
+    cfg = (make_config(**{**dc, "train_split": "test", "cache": cache}) if digits
+           else jpeg_config(jpeg_folder, cache))
+    return data.train_batches(cfg, global_batch_size=120 if digits else 10, seed=3,
+                              start_step=start, process_index=count - 1, process_count=count)
+  plain = take(stream("none", 0), 7)
+  cached = take(stream("memory", 0), 7)
+  for a, b in zip(plain, cached):
+    assert b["image"].dtype == np.uint8
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  assert not np.array_equal(plain[0]["image"], plain[2]["image"])  # epochs are reshuffled
+  for k in (3, 6):
+    resumed = next(stream("memory", k))
+    np.testing.assert_array_equal(resumed["image"], plain[k]["image"])
+
+
+def test_a_cached_train_split_is_decoded_once(jpeg_folder):
+  cached = data.train_batches(jpeg_config(jpeg_folder, "memory"), global_batch_size=8, seed=0,
+                              process_index=0, process_count=1)
+  plain = data.train_batches(jpeg_config(jpeg_folder, "none"), global_batch_size=8, seed=0,
+                             process_index=0, process_count=1)
+  next(plain)
+  delete_images(jpeg_folder)  # every later epoch must come from memory
+  take(cached, 9)  # three epochs
+  with pytest.raises(tf.errors.NotFoundError):
+    take(plain, 9)
+
+
+@pytest.mark.parametrize("overrides,limit,cached", [
+    (dict(), 24 * 9 * 9 * 2 * 3, True),       # resized: the estimate (2:1 aspect) fits
+    (dict(), 24 * 9 * 9 * 2 * 3 - 1, False),  # ... one byte over the limit
+    (dict(resize_size=0), 1 << 40, False),    # files of unknown size: not cached by auto
+])
+def test_auto_caches_what_it_can_size_under_the_limit(jpeg_folder, monkeypatch, overrides, limit,
+                                                      cached):
+  monkeypatch.setattr(pipeline, "CACHE_MAX_BYTES", limit)
+  it = data.train_batches(jpeg_config(jpeg_folder, "auto", **overrides), global_batch_size=8,
+                          seed=0, process_index=0, process_count=1)
+  next(it)
+  delete_images(jpeg_folder)
+  if cached:
+    take(it, 9)
+  else:
+    with pytest.raises(tf.errors.NotFoundError):
+      take(it, 9)
+
+
+def test_auto_caches_the_digits_and_a_config_without_the_field_reads_as_auto(dc):
+  view = sources.open_view(dc)
+  prep = Preprocess.from_config(dc)
+  assert pipeline.cache_mode(dc) == "auto"  # make_config has no cache field
+  assert pipeline.decoded_image_bytes(prep, view) * 1437 <= pipeline.CACHE_MAX_BYTES
+
+
+def test_a_bad_cache_value_is_one_error_naming_it_and_the_valid_ones(jpeg_folder):
+  with pytest.raises(data.DatasetError,
+                     match=r"dataset\.cache must be one of auto, memory, none, got 'yes'"):
+    data.train_batches(jpeg_config(jpeg_folder, "yes"), global_batch_size=8, seed=0,
+                       process_index=0, process_count=1)
 
 
 # --- the notebooks' recipe fields (issue 14): train_crop, grayscale, exclude_classes, holdout ---
@@ -511,11 +653,11 @@ GRAY_VALUES = [76, 150, 29, 255, 1, 60, 23, 18, 141, 140]
 def test_center_train_crop_is_the_central_crop_of_the_resized_image():
   image = np.random.default_rng(3).integers(0, 256, (13, 17, 3), np.uint8)
   resized = resize_shorter_side(tf.constant(image, tf.float32), 10)  # (10, 13)
-  want = tf.image.resize_with_crop_or_pad(resized, 8, 8).numpy() / 255
+  want = np.round(tf.image.resize_with_crop_or_pad(resized, 8, 8).numpy()).astype(np.uint8)
   prep = Preprocess(image_size=8, resize_size=10, train_crop="center")
   outs = [prep.train(png(image), tf.constant([1, s], tf.int64)).numpy() for s in range(6)]
   for out in outs:  # deterministic: no seed moves it
-    np.testing.assert_allclose(out, want, atol=1e-6)
+    np.testing.assert_array_equal(out, want)
   np.testing.assert_array_equal(outs[0], prep.eval(png(image)).numpy())
   flipping = Preprocess(image_size=8, resize_size=10, train_crop="center", flip=True)
   flips = 0
@@ -537,14 +679,14 @@ def test_grayscale_is_pils_convert_L_repeated_to_three_channels():
   np.testing.assert_array_equal(np.floor(r * .299 + g * .587 + b * .114 + .5), GRAY_VALUES)
   image = np.random.default_rng(4).integers(0, 256, (16, 16, 3), np.uint8)
   pil = pytest.importorskip("PIL.Image")
-  want = np.asarray(pil.fromarray(image).convert("L"), np.float32)
+  want = np.asarray(pil.fromarray(image).convert("L"), np.uint8)
   np.testing.assert_array_equal(decode(png(image), grayscale=True).numpy(),
                                 np.repeat(want[..., None], 3, axis=-1))
-  # Before resizing, cropping and normalising, in train and eval alike.
+  # Before resizing and cropping, in train and eval alike.
   prep = Preprocess(image_size=16, grayscale=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
   for out in (prep.eval(png(image)).numpy(),
               prep.train(png(image), tf.constant([0, 0], tf.int64)).numpy()):
-    np.testing.assert_allclose(out[..., 0], (want / 255 - 0.5) / 0.5, atol=1e-6)
+    np.testing.assert_array_equal(out[..., 0], want)
     np.testing.assert_array_equal(out[..., 0], out[..., 1])
     np.testing.assert_array_equal(out[..., 0], out[..., 2])
 
@@ -564,8 +706,8 @@ def test_grayscale_in_the_pipeline(folder):
   for images in (batch["image"], train["image"]):
     np.testing.assert_array_equal(images[..., 0], images[..., 2])
   # red (200, 0, 0) -> 60, blue (0, 0, 200) -> 23, gray 77 stays 77
-  assert {int(round(v * 255)) for v in batch["image"][:, 0, 0, 0]} == {60, 23}
-  assert {int(round(v * 255)) for v in train["image"][:, 0, 0, 0]} == {60, 23, 77}
+  assert {int(v) for v in batch["image"][:, 0, 0, 0]} == {60, 23}
+  assert {int(v) for v in train["image"][:, 0, 0, 0]} == {60, 23, 77}
 
 
 def digits_examples(split, excluded=()):
@@ -603,7 +745,7 @@ def test_exclude_classes_of_an_image_folder(folder):
   assert data.dataset_info(cfg) == data.DatasetInfo(num_classes=1, train_size=4, eval_size=2)
   train = next(data.train_batches(cfg, global_batch_size=4, seed=0, process_index=0,
                                   process_count=1))
-  assert (train["label"] == 0).all() and (train["image"][:, 0, 0, 2] > 0.5).all()  # blue
+  assert (train["label"] == 0).all() and (train["image"][:, 0, 0, 2] > 127).all()  # blue
 
 
 def test_holdout_splits_the_union_of_both_splits(raw_dc):

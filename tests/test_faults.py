@@ -141,8 +141,8 @@ def poisoned_batches(at_index):
 
   def batches(*args, **kwargs):
     for i, batch in enumerate(real(*args, **kwargs), start=kwargs.get("start_step", 0)):
-      if i == at_index:
-        batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+      if i == at_index:  # float images are model inputs as they are (not uint8 pixels)
+        batch = dict(batch, image=np.full(batch["image"].shape, np.nan, np.float32))
       yield batch
   return batches
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from featdiv_jax import data, main, runs, train
+from featdiv_jax import data, main, runs, sharding, train
 from featdiv_jax import workdir as workdir_lib
 from featdiv_jax.workdir import WorkdirError
 from tests_util import load_config
@@ -94,7 +94,8 @@ def crash_and_resume(config, workdir, monkeypatch) -> dict:
 
   def crashing_batches(*args, **kwargs):  # the process dies after step 4 (checkpoint at 3)
     for i, batch in enumerate(real_batches(*args, **kwargs)):
-      if kwargs["start_step"] == 0 and i == 4:
+      # step 5 takes batch 4 from the device queue while batch 4 + PREFETCH is read
+      if kwargs["start_step"] == 0 and i == 4 + sharding.PREFETCH:
         raise KeyboardInterrupt("simulated kill")
       yield batch
 
@@ -160,8 +161,11 @@ def test_a_heads_sharded_mesh_gives_the_same_run(reference_run, tmp_path):
   data_dir = reference_run[0].dataset.data_dir
   # SGD, not Adam: Adam turns the meshes' different reduction order in near-zero gradients into
   # lr-sized steps (1e-3 relative by step 6), larger than what 6 smoke steps of Adam at 4e-4
-  # change. With SGD at 0.05 the eval loss falls by about 8% over the run, and the two meshes
-  # agree to 1.4e-5 (measured), so a tolerance far below the training effect holds.
+  # change. With SGD at 0.05 the eval loss falls by 1-8% over the run (1.2% on today's uint8
+  # stream); the meshes' reduction orders differ in the last float bits, which 6 steps at this
+  # rate amplify to 1.4e-5 (the float32 stream before issue 16) or 1.7e-4 (today's stream; one
+  # batch fed as uint8 or as float differs as much between its own two runs). The tolerance
+  # stays 30x below the training effect.
   runs = {}
   for mesh in ((8, 1), (4, 2)):
     config = load_config("digits", "multi_cos,smoke", **{
@@ -169,9 +173,9 @@ def test_a_heads_sharded_mesh_gives_the_same_run(reference_run, tmp_path):
         "optimizer.learning_rate": 0.05})
     runs[mesh] = train.train_and_evaluate(config, str(tmp_path / str(mesh)))["history"]
   want, got = runs[(8, 1)], runs[(4, 2)]
-  rtol = 1e-4
+  rtol = 3e-4
   training_effect = abs(want[0]["eval_loss"] - want[-1]["eval_loss"]) / want[0]["eval_loss"]
-  assert training_effect > 100 * rtol, training_effect
+  assert training_effect > 30 * rtol, training_effect
   for g, w in zip(got, want):
     np.testing.assert_allclose(g["eval_loss"], w["eval_loss"], rtol=rtol)
     np.testing.assert_allclose(g["train_loss"], w["train_loss"], rtol=rtol)

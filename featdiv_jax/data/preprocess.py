@@ -1,15 +1,18 @@
-"""Per-example image preprocessing in TensorFlow: decode, resize, pad, crop, flip, normalise.
+"""Per-example image preprocessing in TensorFlow: decode, resize, pad, crop, flip (to uint8).
 
-Train: decode [-> grayscale] -> resize shorter side -> zero pad -> random (or center) crop ->
-       random flip -> normalise.
-Eval:  decode [-> grayscale] -> resize shorter side -> center crop -> normalise.
+Train: decode [-> grayscale] -> resize shorter side -> uint8 | zero pad -> random (or center)
+       crop -> random flip.
+Eval:  decode [-> grayscale] -> resize shorter side -> uint8 | center crop.
+What comes before `|` (`Preprocess.decoded`) is what `dataset.cache` keeps in memory. Images
+stay uint8; the training step normalises them on the device with dataset.mean / std.
 Randomness comes only from `tf.random.stateless_*` with an explicit seed pair, so an example's
 augmentation is a pure function of (seed, element index) and survives a resume-by-skip.
 """
 
 import dataclasses
+import math
 import numbers
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import tensorflow as tf
 
@@ -93,8 +96,23 @@ class Preprocess:
                train_crop=train_crop, **flags)
 
   def train(self, encoded: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Encoded image bytes and an int64 seed pair -> augmented float32 (S, S, 3)."""
-    image = self._decode_and_resize(encoded)
+    """Encoded image bytes and an int64 seed pair -> augmented uint8 (S, S, 3)."""
+    return self.augment(self.decoded(encoded), seed)
+
+  def eval(self, encoded: tf.Tensor) -> tf.Tensor:
+    """Encoded image bytes -> deterministic uint8 (S, S, 3)."""
+    return self.eval_crop(self.decoded(encoded))
+
+  def decoded(self, encoded: tf.Tensor) -> tf.Tensor:
+    """Encoded bytes -> uint8 (H, W, 3): decoded [, grayscale] and resized, the part of the
+    preprocessing that does not depend on the seed (what `dataset.cache` keeps)."""
+    image = decode(encoded, grayscale=self.grayscale)
+    if self.resize_size:
+      image = resize_shorter_side(image, self.resize_size)
+    return to_uint8(image)
+
+  def augment(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """A `decoded` image and an int64 seed pair -> uint8 (S, S, 3): pad, crop, flip."""
     if self.pad:
       image = tf.pad(image, [[self.pad, self.pad], [self.pad, self.pad], [0, 0]])
     image = at_least(image, self.image_size)
@@ -108,23 +126,56 @@ class Preprocess:
           image, [self.image_size, self.image_size, 3], seed=crop_seed)
     if self.flip:
       image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    return self.normalise(image)
-
-  def eval(self, encoded: tf.Tensor) -> tf.Tensor:
-    """Encoded image bytes -> deterministic float32 (S, S, 3)."""
-    image = at_least(self._decode_and_resize(encoded), self.image_size)
-    return self.normalise(center_crop(image, self.image_size))
-
-  def normalise(self, image: tf.Tensor) -> tf.Tensor:
-    mean = tf.constant(self.mean, tf.float32)
-    std = tf.constant(self.std, tf.float32)
-    return (image / 255.0 - mean) / std
-
-  def _decode_and_resize(self, encoded: tf.Tensor) -> tf.Tensor:
-    image = decode(encoded, grayscale=self.grayscale)
-    if self.resize_size:
-      image = resize_shorter_side(image, self.resize_size)
     return image
+
+  def static_decoded_shape(self, source_shape) -> Optional[Tuple[int, int]]:
+    """(H, W) that every `decoded` image has when the source's images share one size
+    `source_shape` (H, W, C), and padding keeps them at least the crop's size; else None."""
+    if source_shape is None or None in tuple(source_shape)[:2]:
+      return None
+    h, w = int(source_shape[0]), int(source_shape[1])
+    if self.resize_size:  # as resize_shorter_side computes it (float64, floored)
+      r = self.resize_size
+      h, w = (r, math.floor(r * w / h)) if h <= w else (math.floor(r * h / w), r)
+    if min(h, w) + 2 * self.pad < self.image_size:
+      return None  # at_least would upscale: left to the per-image path
+    return h, w
+
+  def augment_batch(self, images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """`augment` for a batch of `decoded` images of one static size, uint8 (B, H, W, 3), and one
+    int64 seed pair: each image padded, cropped at its own offset and flipped by its own coin,
+    all drawn at once for the batch. A few ops per batch instead of a dozen per image: what
+    keeps the pipeline's CPU time small next to a short training step."""
+    if self.pad:
+      p = self.pad
+      images = tf.pad(images, [[0, 0], [p, p], [p, p], [0, 0]])
+    h, w, size = images.shape[1], images.shape[2], self.image_size
+    draws = tf.random.stateless_uniform([3, tf.shape(images)[0]], seed=seed, minval=0,
+                                        maxval=1 << 62, dtype=tf.int64)
+    if self.train_crop == "center":
+      top, left = (h - size) // 2 + 0 * draws[0], (w - size) // 2 + 0 * draws[1]
+    else:
+      top, left = draws[0] % (h - size + 1), draws[1] % (w - size + 1)
+    span = tf.range(size, dtype=tf.int64)[None]
+    images = tf.gather(images, top[:, None] + span, axis=1, batch_dims=1)
+    images = tf.gather(images, left[:, None] + span, axis=2, batch_dims=1)
+    if self.flip:
+      flip = tf.equal(draws[2] % 2, 1)[:, None, None, None]
+      images = tf.where(flip, tf.reverse(images, [2]), images)
+    return tf.ensure_shape(images, [None, size, size, 3])
+
+  def eval_crop(self, image: tf.Tensor) -> tf.Tensor:
+    """A `decoded` image -> its uint8 (S, S, 3) center crop."""
+    return center_crop(at_least(image, self.image_size), self.image_size)
+
+
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """0..255 float pixels -> uint8, rounded to the nearest level (as PIL's resize stores them).
+
+  Batches travel as uint8 and are normalised on the device (`steps.normalize_images`)."""
+  if image.dtype == tf.uint8:
+    return image
+  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
 def decode(encoded: tf.Tensor, grayscale: bool = False) -> tf.Tensor:
@@ -172,7 +223,8 @@ def _resize(image: tf.Tensor, new_h: tf.Tensor, new_w: tf.Tensor) -> tf.Tensor:
 
 
 def at_least(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Upscales (keeping aspect) only if a side is shorter than `size`, so a crop always fits."""
+  """Upscales (keeping aspect) only if a side is shorter than `size`, so a crop always fits.
+  Keeps the dtype (uint8 is rounded after the resize)."""
   h, w = _hw(image)
   short = tf.minimum(h, w)
 
@@ -180,7 +232,9 @@ def at_least(image: tf.Tensor, size: int) -> tf.Tensor:
     scale = size / tf.cast(short, tf.float64)
     new_h = tf.maximum(size, tf.cast(tf.math.ceil(tf.cast(h, tf.float64) * scale), tf.int32))
     new_w = tf.maximum(size, tf.cast(tf.math.ceil(tf.cast(w, tf.float64) * scale), tf.int32))
-    return tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear")
+    resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([new_h, new_w]),
+                              method="bilinear")
+    return to_uint8(resized) if image.dtype == tf.uint8 else tf.cast(resized, image.dtype)
 
   return tf.cond(short < size, upscale, lambda: image)
 

@@ -121,6 +121,8 @@ class TfdsSource:
     self.name = builder.name
     self.num_classes = builder.info.features["label"].num_classes
     self.class_names = list(builder.info.features["label"].names)
+    # (H, W, C) with None where images differ (dataset.cache="auto" reads it).
+    self.image_shape = tuple(builder.info.features["image"].shape)
     # Empty under tfds.testing.mock_data: sizes then come from what the reader yields, and
     # sharding is done here, because the mock ignores sub-splits (every one holds everything).
     self._known = bool(builder.info.splits)
@@ -143,7 +145,8 @@ class TfdsSource:
 
   def read(self, split: str, *, index: int, count: int, drop_remainder: bool,
            seed: Optional[int]) -> tf.data.Dataset:
-    """This process's part of `split`; `seed` shuffles the files, None keeps the stored order."""
+    """This process's part of `split`; `seed` shuffles the files (into the same order every
+    epoch: the pipeline's buffer reshuffles), None keeps the stored order."""
     if self._known:
       part = tfds.even_splits(split, n=count, drop_remainder=drop_remainder)[index]
       ds = self._dataset(part, seed)
@@ -187,7 +190,7 @@ class TfdsSource:
     return self._builder.as_dataset(
         split=split, shuffle_files=seed is not None,
         decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(shuffle_seed=seed))
+        read_config=tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False))
 
 
 class ImageFolderSource:
@@ -211,6 +214,7 @@ class ImageFolderSource:
     self.classes = sorted({c for s in self.splits for c in _subfolders(os.path.join(root, s))})
     self.num_classes = len(self.classes)
     self.class_names = self.classes
+    self.image_shape = None  # files of any size
     self._files = {}
 
   def split_size(self, split: str) -> int:
@@ -229,8 +233,9 @@ class ImageFolderSource:
         "label": tf.constant(labels[start:start + size], tf.int64)})
     if seed is not None:
       # Files are listed class by class; only a full shuffle of the (cheap) paths mixes them
-      # whatever the pipeline's shuffle buffer.
-      ds = ds.shuffle(max(size, 1), seed=seed, reshuffle_each_iteration=True)
+      # whatever the pipeline's shuffle buffer. One order for every epoch, so that a decoded
+      # cache of this stream holds what it would yield (the pipeline's buffer reshuffles).
+      ds = ds.shuffle(max(size, 1), seed=seed, reshuffle_each_iteration=False)
     return ds
 
   def refs(self, split: str) -> List[str]:
@@ -394,6 +399,7 @@ class SplitView:
   def __init__(self, source, splits: Dict[str, str]):
     self.source, self.splits = source, splits
     self.name, self.num_classes, self.encoded = source.name, source.num_classes, source.encoded
+    self.image_shape = source.image_shape
 
   def describe(self, side: str) -> str:
     return f"{side} split {self.splits[side]!r} of {self.name!r}"
@@ -427,7 +433,7 @@ class SelectedView:
   def __init__(self, source, splits: Dict[str, str], excluded: List[int], fraction: float,
                seed: int):
     self.source, self.splits = source, splits
-    self.name, self.encoded = source.name, source.encoded
+    self.name, self.encoded, self.image_shape = source.name, source.encoded, source.image_shape
     self.num_classes = source.num_classes - len(excluded)
     labels, self._spans, offset = [], {}, 0  # split -> (first global id, size)
     for side in SIDES:
@@ -475,8 +481,8 @@ class SelectedView:
       ds = tf.data.Dataset.from_tensor_slices({
           "image": tf.constant([str(r) for r in refs[mine]], tf.string),
           "label": tf.constant(self._labels[mine], tf.int64)})
-      if seed is not None:
-        ds = ds.shuffle(max(size, 1), seed=seed, reshuffle_each_iteration=True)
+      if seed is not None:  # one order for every epoch, as ImageFolderSource.read
+        ds = ds.shuffle(max(size, 1), seed=seed, reshuffle_each_iteration=False)
       return ds
     member = np.zeros(len(self._labels), bool)
     member[mine] = True
