@@ -73,8 +73,7 @@ def test_bench_refuses_a_variant_that_names_no_flag(capsys):
   assert bench.variant_args(bench.parse_args([]), "heads_impl=loop").heads_impl == "loop"
 
 
-def test_input_pipeline_benchmark_times_the_configs_step(monkeypatch):
-  """benchmarks/input_pipeline.py hands the config's model (dtype "auto" included) to bench."""
+def input_pipeline_module():
   import importlib.util
   import os
   path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks",
@@ -82,6 +81,20 @@ def test_input_pipeline_benchmark_times_the_configs_step(monkeypatch):
   spec = importlib.util.spec_from_file_location("input_pipeline", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def test_input_pipeline_benchmark_compares_the_cache_on_jpegs(capsys):
+  assert input_pipeline_module().main(["--config", "jpeg224", "--examples", "8",
+                                       "--epochs", "1"]) == 0
+  out = capsys.readouterr().out
+  assert "dataset.cache=none" in out and "dataset.cache=memory" in out
+  assert "cache / none = " in out
+
+
+def test_input_pipeline_benchmark_times_the_configs_step(monkeypatch):
+  """benchmarks/input_pipeline.py hands the config's model (dtype "auto" included) to bench."""
+  module = input_pipeline_module()
   config = module.load_config("digits")
   assert config.model.dtype == "auto"
   with config.unlocked():
