@@ -4,6 +4,7 @@ The meta saved with step N is the loop's bookkeeping as of step N, so a resumed 
 its eval history from exactly the checkpoint it restarts from.
 """
 
+import dataclasses
 import os
 from typing import Any, Optional
 
@@ -53,7 +54,7 @@ class Checkpoints:
     when complete, so a kill mid-save leaves no step that `latest_step` would pick up.
     `best`: the eval accuracy that makes this step the best so far (kept with `keep_best`)."""
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True,
+        state=ocp.args.StandardSave(_as_saved(state)), meta=ocp.args.JsonSave(meta)), force=True,
         metrics=None if best is None else {BEST_METRIC: best})
     guards.fault_point("save", step)
 
@@ -94,14 +95,26 @@ class Checkpoints:
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores into `abstract_state` (ShapeDtypeStructs carrying the wanted shardings)."""
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored.state, dict(restored.meta)
+        state=ocp.args.StandardRestore(_as_saved(abstract_state)), meta=ocp.args.JsonRestore()))
+    state = restored.state
+    if dataclasses.is_dataclass(abstract_state):
+      state = abstract_state.replace(**state)
+    return state, dict(restored.meta)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _as_saved(state: Any) -> Any:
+  """A train state as it is stored: a dict of its fields without those that are None, so a
+  state without the optional EMA has the structure of the checkpoints written before it."""
+  if not dataclasses.is_dataclass(state):
+    return state
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if getattr(state, f.name) is not None}
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:

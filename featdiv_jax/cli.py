@@ -20,12 +20,13 @@ from ml_collections.config_flags import tuple_parser
 from featdiv_jax import configlib
 
 USAGE = ("usage: python -m featdiv_jax.main --config=configs/digits.py[:variant,...] "
-         "--workdir=DIR [--config.<field>=value ...] [--coordinator_address=HOST:PORT "
-         "--num_processes=N --process_id=I]")
+         "--workdir=DIR [--config.<field>=value ...] [--verbose] "
+         "[--coordinator_address=HOST:PORT --num_processes=N --process_id=I]")
 
 # The project's own flags besides --config.<field>.
 _INT_FLAGS = ("num_processes", "process_id")
 _STR_FLAGS = ("config", "workdir", "coordinator_address")
+_BOOL_FLAGS = ("verbose",)  # --verbose: all the logging on the terminal, no progress bar
 _CONFIG_PREFIXES = ("config.", "noconfig.")
 
 
@@ -36,6 +37,7 @@ class CommandLine:
   coordinator_address: Optional[str] = None
   num_processes: Optional[int] = None
   process_id: Optional[int] = None
+  verbose: bool = False
 
 
 def _name_and_value(arg: str):
@@ -49,7 +51,7 @@ def is_ours(arg: str) -> bool:
   if not arg.startswith("-"):
     return False
   name, _ = _name_and_value(arg)
-  return name in _INT_FLAGS + _STR_FLAGS or name.startswith(_CONFIG_PREFIXES)
+  return name in _INT_FLAGS + _STR_FLAGS + _BOOL_FLAGS or name.startswith(_CONFIG_PREFIXES)
 
 
 def split(argv: Sequence[str]) -> tuple:
@@ -67,7 +69,7 @@ def split(argv: Sequence[str]) -> tuple:
 
 def _takes_next(arg: str) -> bool:
   name, value = _name_and_value(arg)
-  return value is None and not name.startswith("noconfig.")
+  return value is None and not name.startswith("noconfig.") and name not in _BOOL_FLAGS
 
 
 def parse(args: Sequence[str]) -> CommandLine:
@@ -83,6 +85,10 @@ def parse(args: Sequence[str]) -> CommandLine:
       value = args.pop(0)
     if name.startswith(_CONFIG_PREFIXES):
       overrides.append((name, value))
+    elif name in _BOOL_FLAGS:
+      if value is not None:
+        raise configlib.ConfigError(f"--{name}={value!r}: --{name} takes no value; {USAGE}")
+      values[name] = True
     else:
       values[name] = value
   if not values.get("config") or not values.get("workdir"):
@@ -92,6 +98,7 @@ def parse(args: Sequence[str]) -> CommandLine:
     apply_override(config, name, value)
   return CommandLine(config=config, workdir=values["workdir"],
                      coordinator_address=values.get("coordinator_address"),
+                     verbose=values.get("verbose", False),
                      **{k: _int_flag(k, values[k]) for k in _INT_FLAGS if k in values})
 
 

@@ -63,6 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.skip_nonfinite = False            # False: stop at a NaN/inf loss; True: skip such updates
   c.protocol = "scratch"              # scratch | pretrained_head (see PROTOCOLS)
   c.keep_best = False                 # also keep the best-accuracy checkpoint (in results.json)
+  c.label_smoothing = 0.0             # train cross-entropy on (1 - e) one-hot + e / classes
   # Stage 1 (the `single` run) of protocol=pretrained_head, where it differs from the rest:
   c.stage1 = ml_collections.ConfigDict()
   c.stage1.num_epochs = 0.0           # its length in epochs (0: num_epochs)
@@ -83,6 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.init_heads = (0,)           # heads that receive init_from
   c.model.frozen_heads = ()           # heads whose params never change
   c.model.frozen_bn = "running"       # frozen heads' BN: running (fixed) | batch (notebooks)
+  c.model.drop_path = 0.0             # stochastic depth: drop rate of the last block (linear in depth)
 
   c.penalty = ml_collections.ConfigDict()
   c.penalty.weight = 1.0              # loss = cross-entropy + weight * cosine_diversity
@@ -98,6 +100,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 0        # linear warm-up before the schedule
   c.optimizer.decay_epochs = 0.0      # cosine horizon in epochs (0: the run's length)
   c.optimizer.per_epoch = False       # True: the schedule steps once per epoch (torch's scheduler)
+  c.optimizer.clip_norm = 0.0         # > 0: clip the gradients' global norm to this (0: off)
+  c.optimizer.ema_decay = 0.0         # > 0: also keep an EMA of params and BN statistics (0: off)
+  c.optimizer.accum_steps = 1         # micro-batches of batch_size / accum_steps per update
+  c.optimizer.decay_norm_and_bias = True  # False: no weight decay on 1-D params (timm, big_vision)
 
   # Per-head measures at every evaluation (featdiv_jax.evaluation): head CKA and ablations
   # always; linear probes on pooled features of training examples as below.
@@ -120,6 +126,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.shuffle_buffer = 10_000
   c.dataset.cache = "auto"            # decoded images in memory: auto (when they fit) | memory | none
   c.dataset.train_crop = "random"     # random (after pad) | center (the notebooks' CenterCrop)
+  #                                     | random_resized (Inception-style, then resized)
+  c.dataset.crop_scale = (0.08, 1.0)  # random_resized: range of the crop's area fraction
+  c.dataset.crop_ratio = (0.75, 4 / 3)  # random_resized: range of its aspect ratio (w / h)
+  c.dataset.mixup_alpha = 0.0         # > 0: mixup with Beta(alpha, alpha) mixing, per batch
+  c.dataset.cutmix_alpha = 0.0        # > 0: cutmix (with mixup too: one of them per batch)
   c.dataset.grayscale = False         # convert to grayscale, repeated to 3 channels
   c.dataset.exclude_classes = ()      # class names or indices dropped from both splits
   c.dataset.holdout_fraction = 0.0    # > 0: a seeded split of train_split + eval_split ...
@@ -312,8 +323,12 @@ def model_signature(c) -> dict:
   """The fields that decide the shapes and meaning of a checkpoint's state."""
   model = {k: v for k, v in c.model.to_dict().items()
            if k not in ("init_from", "init_from_head", "init_heads", "dtype")}  # init / speed
+  optimizer = c.optimizer
   return {"model": model, "dataset.name": c.dataset.name,
-          "dataset.image_size": c.dataset.image_size, "optimizer.name": c.optimizer.name}
+          "dataset.image_size": c.dataset.image_size, "optimizer.name": optimizer.name,
+          # These two change the optimizer's or the state's structure (a checkpoint's shape).
+          "optimizer.ema": bool(optimizer.get("ema_decay", 0.0)),
+          "optimizer.decay_norm_and_bias": optimizer.get("decay_norm_and_bias", True)}
 
 
 DISTRIBUTED_MODES = ("auto", "on", "off")
@@ -408,6 +423,11 @@ def _number_at_least(c, field, low, why=""):
   _check(_is_number(value) and value >= low, field, value, f"a finite number >= {low}{why}")
 
 
+def _fraction(c, field, why=""):
+  value = get_field(c, field)
+  _check(_is_number(value) and 0 <= value < 1, field, value, f"a number in [0, 1){why}")
+
+
 def _sequence(c, field, valid) -> tuple:
   """The field as a tuple; a field ConfigDict let become None or a scalar is refused."""
   value = get_field(c, field)
@@ -467,6 +487,7 @@ def _validate_run(c) -> None:
     _number_at_least(c, field, 0)
   for field in ("analysis.probe_examples", "analysis.probe_every_evals"):
     _int_at_least(c, field, 0)
+  _fraction(c, "label_smoothing")
 
 
 def _validate_model(c, models) -> None:
@@ -496,6 +517,7 @@ def _validate_model(c, models) -> None:
     _check(all(_is_int(k) and 0 <= k < m.num_heads for k in heads), f"model.{field}", heads,
            valid)
   # Every head frozen is allowed: the classifier still trains (a linear probe).
+  _fraction(c, "model.drop_path")
 
 
 def _validate_penalty(c, kinds) -> None:
@@ -515,8 +537,16 @@ def _validate_optimizer(c, optim) -> None:
          "a number > 0")
   _int_at_least(c, "optimizer.warmup_steps", 0)
   _number_at_least(c, "optimizer.decay_epochs", 0)
-  _check(isinstance(c.optimizer.per_epoch, bool), "optimizer.per_epoch", c.optimizer.per_epoch,
-         "True or False")
+  for field in ("per_epoch", "decay_norm_and_bias"):
+    _check(isinstance(c.optimizer[field], bool), f"optimizer.{field}", c.optimizer[field],
+           "True or False")
+  _number_at_least(c, "optimizer.clip_norm", 0, " (0: no clipping)")
+  _fraction(c, "optimizer.ema_decay", " (0: no EMA; 0.999 is typical)")
+  _int_at_least(c, "optimizer.accum_steps", 1)
+  k = c.optimizer.accum_steps
+  _check(c.batch_size % k == 0, "optimizer.accum_steps", k,
+         f"a divisor of batch_size={c.batch_size} (the global batch, split into accum_steps "
+         "micro-batches)")
 
 
 def _validate_dataset(c, data_errors) -> None:
@@ -541,6 +571,15 @@ def _validate_dataset(c, data_errors) -> None:
            f"dataset.{field}", value, "three finite numbers (R, G, B)")
   _check(all(s > 0 for s in d.std), "dataset.std", tuple(d.std), "three numbers > 0")
   _one_of(c, "dataset.train_crop", data_errors.TRAIN_CROPS)
+  for field in ("crop_scale", "crop_ratio"):
+    value = _sequence(c, f"dataset.{field}", "two numbers (low, high)")
+    _check(len(value) == 2 and all(_is_number(v) and v > 0 for v in value)
+           and value[0] <= value[1], f"dataset.{field}", value,
+           "two finite numbers 0 < low <= high")
+  _check(d.crop_scale[1] <= 1, "dataset.crop_scale", tuple(d.crop_scale),
+         "area fractions in (0, 1]")
+  for field in ("mixup_alpha", "cutmix_alpha"):
+    _number_at_least(c, f"dataset.{field}", 0, " (0: off)")
   if "cache" in d:  # configs saved before the field read as "auto"
     _one_of(c, "dataset.cache", data_errors.CACHE_MODES)
   _check(isinstance(d.grayscale, bool), "dataset.grayscale", d.grayscale, "True or False")
@@ -597,6 +636,10 @@ def _validate_mesh(c, num_devices, process_count, sharding):
     value = c[field] or c.batch_size
     _check(value % data == 0 and value % process_count == 0, field, value,
            f"a multiple of the data axis ({data} devices) and of the {process_count} processes")
+  k = c.optimizer.accum_steps
+  _check(c.batch_size % (k * data) == 0, "optimizer.accum_steps", k,
+         f"a divisor of batch_size / {data} (the data axis' devices): each device takes its "
+         f"share of every micro-batch")
   # Each process feeds its own slice of the batch to its own devices, so a group of devices that
   # shares one data shard (the heads axis) must sit in one process.
   local = num_devices // process_count

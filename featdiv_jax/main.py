@@ -4,14 +4,20 @@ Re-running the same command resumes from the latest checkpoint in DIR. With the 
 variant (the digits default) each of `config.compare_variants` trains in DIR/<variant> and a
 table of their accuracies is printed at the end. The flags are described in `featdiv_jax.cli`;
 absl's own flags (e.g. `--verbosity`) are accepted too.
+
+The terminal shows a progress bar per model, a line per evaluation and the table
+(`featdiv_jax.console`); the full log goes to DIR/train.log. `--verbose` prints it all instead.
 """
 
 import logging as std_logging
+import os
 import sys
 
 if __name__ == "__main__":  # `python -m featdiv_jax.main`: before any library starts a thread
   from featdiv_jax import hostmem
   hostmem.at_entry_point()
+  if "--verbose" not in sys.argv:  # TensorFlow's C++ INFO notices (before TF is imported)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 # pylint: disable=wrong-import-position
 from absl import app  # noqa: E402
@@ -19,7 +25,8 @@ from absl import flags
 from absl import logging
 import jax
 
-from featdiv_jax import cli, configlib, data, distributed, guards, runs, sharding, train, workdir
+from featdiv_jax import cli, configlib, console, data, distributed, guards, runs, sharding, train
+from featdiv_jax import workdir
 
 USER_ERRORS = (configlib.ConfigError, data.DatasetError, sharding.MeshError, runs.RunError,
                workdir.WorkdirError, guards.WorkdirBusyError, train.NonFiniteError,
@@ -53,6 +60,7 @@ def main(argv) -> int:
   """Runs the job; returns 0 when done or preempted (resumable), 1 for a user error."""
   try:
     command = cli.parse(argv[1:])
+    console.log_to_file(command.workdir, command.verbose)  # held until the first run starts
     handler = logging.get_absl_handler()
     if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
       handler.addFilter(_QuietLibraries())
@@ -60,19 +68,24 @@ def main(argv) -> int:
     configlib.check_distributed(command.config)
     distributed.maybe_initialize(command.config.distributed, command.coordinator_address,
                                  command.num_processes, command.process_id)
-    logging.info("%s", distributed.check_devices(
+    devices = distributed.check_devices(
         distributed.expected_devices(), jax.device_count(), jax.local_device_count(),
-        jax.process_count(), jax.default_backend()))
-    # The config and every variant it expands to, validated before any of them runs.
+        jax.process_count(), jax.default_backend())
+    # The config and every variant it expands to, validated before any of them runs, and before
+    # anything is written into the workdir (the log file).
     planned = configlib.validated_runs(command.config, jax.device_count(),
                                        jax.process_count(), command.workdir)
-    results = train.train_runs(planned, command.workdir)
+    screen = console.Console(enabled=jax.process_index() == 0 and not command.verbose)
+    logging.info("%s", devices)
+    results = train.train_runs(planned, command.workdir, console=screen)
   except USER_ERRORS as e:
     print(f"featdiv_jax: error: {e}", file=sys.stderr)
     return 1
   except train.Preempted as e:
     print(f"featdiv_jax: {e}", file=sys.stderr)
     return 0
+  finally:
+    console.close_log()
   if jax.process_index() == 0:
     print(summary_table(results), flush=True)
   return 0

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
 
-AVERAGED = ("loss", "cross_entropy", "penalty", "head_cosine", "accuracy")
+AVERAGED = ("loss", "cross_entropy", "penalty", "head_cosine", "accuracy", "grad_norm")
 
 
 @flax.struct.dataclass
@@ -19,6 +19,7 @@ class TrainMetrics(clu_metrics.Collection):
   penalty: clu_metrics.Average.from_output("penalty")
   head_cosine: clu_metrics.Average.from_output("head_cosine")
   accuracy: clu_metrics.Average.from_output("accuracy")
+  grad_norm: clu_metrics.Average.from_output("grad_norm")  # before any clipping
   learning_rate: clu_metrics.LastValue.from_output("learning_rate")
 
 

@@ -50,12 +50,25 @@ def make_optimizer(optimizer_config, total_steps: int, frozen_heads: Sequence[in
   parameter (torch's behaviour), the frozen heads' updates zeroed last."""
   lr = learning_rate_schedule(optimizer_config, total_steps, steps_per_epoch)
   decay = optimizer_config.weight_decay
+  # decay_norm_and_bias=False: no decay on norm scales/offsets and biases (a mask; with True no
+  # mask at all, so the optimizer state keeps the structure older checkpoints have).
+  mask = {} if optimizer_config.get("decay_norm_and_bias", True) else {"mask": decayed}
   if optimizer_config.name == "adamw":
-    tx = optax.adamw(lr, weight_decay=decay)
+    tx = optax.adamw(lr, weight_decay=decay, **mask)
   else:  # sgd: torch adds the decay to the gradient, before momentum
-    tx = optax.chain(optax.add_decayed_weights(decay),
+    tx = optax.chain(optax.add_decayed_weights(decay, **mask),
                      optax.sgd(lr, momentum=optimizer_config.momentum))
   return optax.chain(tx, freeze_heads(frozen_heads)), lr
+
+
+def decayed(params):
+  """True for the parameters weight decay applies to without decay_norm_and_bias: those with
+  more than one dimension per head (kernels), not 1-D ones (biases, norm scales and offsets).
+  Under `heads` the leading axis is the head, so a (K, C) array is 1-D per head."""
+  def matrix(path, p):
+    per_head = any(getattr(k, "key", None) == "heads" for k in path)
+    return p.ndim - per_head > 1
+  return jax.tree.map_with_path(matrix, params)
 
 
 def _head_keep(num_heads: int, frozen_heads: Sequence[int]) -> np.ndarray:

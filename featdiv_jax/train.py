@@ -17,7 +17,8 @@ from clu import metric_writers
 from clu import parameter_overview
 from clu import periodic_actions
 
-from featdiv_jax import checkpoint, configlib, data, evaluation, guards, metrics, models, runs
+from featdiv_jax import checkpoint, configlib, console as console_lib, data, evaluation, guards
+from featdiv_jax import metrics, models, runs
 from featdiv_jax import sharding, steps
 from featdiv_jax.evaluation import evaluate_split
 from featdiv_jax import workdir as workdir_lib
@@ -65,9 +66,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return train_validated(config, workdir)
 
 
-def train_runs(runs: list, workdir: str) -> dict:
-  """Each (sub-workdir, validated config) of `configlib.validated_runs`: {variant: results}."""
-  return {config.variant: train_validated(config, os.path.join(workdir, sub))
+def train_runs(runs: list, workdir: str, console: console_lib.Console | None = None) -> dict:
+  """Each (sub-workdir, validated config) of `configlib.validated_runs`: {variant: results}.
+  `console` shows their progress (which of how many, and the ETA of all)."""
+  if console is not None:
+    console.plan([Schedule.of(config, data.dataset_info(config.dataset).train_size).total_steps
+                  for _, config in runs])
+  return {config.variant: train_validated(config, os.path.join(workdir, sub), console=console)
           for sub, config in runs}
 
 
@@ -79,6 +84,9 @@ def train_validated(config, workdir: str, **run_options) -> dict:
   info = data.dataset_info(config.dataset)
   workdir_lib.check(workdir, config)
   with guards.WorkdirLock(workdir), guards.PreemptionWatch() as preemption:
+    log = console_lib.open_log()  # the command's log file, from its first accepted run on
+    if log and run_options.get("console"):
+      run_options["console"].message(f"featdiv_jax: the full log is in {log}")
     if jax.process_index() == 0:
       workdir_lib.record_config(workdir, config)
     return TrainingRun(config, workdir, info, **run_options).train(preemption)
@@ -106,12 +114,15 @@ class TrainingRun:
   """One model's training in one workdir: its compiled steps, checkpoints and progress.
 
   `trainer`: one `make_trainer` built for this config (and `train_size`) before, whose compiled
-  steps are reused; `checkpoints=False` neither restores nor saves (the benchmark's runs).
+  steps are reused; `checkpoints=False` neither restores nor saves (the benchmark's runs);
+  `console`: where a person watches the run (none: nothing is printed, only logged).
   """
 
   def __init__(self, config, workdir: str, info: data.DatasetInfo, *,
-               trainer: steps.Trainer | None = None, checkpoints: bool = True):
+               trainer: steps.Trainer | None = None, checkpoints: bool = True,
+               console: console_lib.Console | None = None):
     self.config, self.workdir = config, workdir
+    self.console = console or console_lib.Console(enabled=False)
     self.schedule = Schedule.of(config, info.train_size)
     self.trainer = trainer or make_trainer(config, info, self.schedule)
     self.checkpoints = checkpoints
@@ -131,9 +142,11 @@ class TrainingRun:
       self.writer.write_hparams(_flat(self.config.to_dict()))
     self.report = periodic_actions.ReportProgress(
         num_train_steps=self.schedule.total_steps, writer=self.writer)
+    self.console.start_run(self.config.variant, self.schedule.total_steps, progress.step)
     try:
       state = self.loop(state, progress, preemption)
     finally:  # let an in-flight async save finish, even on an exception or a signal
+      self.console.end_run()
       self.ckpts.wait()
       self.ckpts.close()
       self.writer.flush()
@@ -168,6 +181,7 @@ class TrainingRun:
       state, self.carry = self.trainer.loop_step(state, next(batches), self.carry)
       guards.fault_point("step", step)
       self.report(step)
+      self.console.step(step)
       self.time_step(state, progress.watch, is_first=step == first)
       if schedule.due(step, schedule.log_every):
         self.log_train(step, progress)
@@ -200,6 +214,7 @@ class TrainingRun:
     if progress.watch.rate():
       summary["train_images_per_s"] = progress.watch.rate()
     self.writer.write_scalars(step, summary)
+    self.console.train_metrics(summary["train_loss"], progress.watch.rate())
 
   def evaluate(self, step: int, state, progress: Progress) -> None:
     """Evaluates, adds the entry to the history and writes results.json."""
@@ -210,6 +225,10 @@ class TrainingRun:
       result = evaluate_split(self.trainer.eval_step, state, self.make_eval_iter,
                               self.trainer.batch_sharding, step,
                               self.make_probe_iter if self.probe_due(step, progress) else None)
+      if state.ema is not None:  # the EMA model: its accuracy and loss only
+        ema = evaluate_split(self.trainer.eval_step, steps.ema_view(state), self.make_eval_iter,
+                             self.trainer.batch_sharding, step, None)
+        result.update(eval_ema_accuracy=ema["eval_accuracy"], eval_ema_loss=ema["eval_loss"])
     self.catch_up(step, progress)
     train_summary = jax.device_get(progress.since_eval).compute()
     entry = dict(step=step, epoch=step / self.schedule.steps_per_epoch,
@@ -224,8 +243,13 @@ class TrainingRun:
     self.writer.write_scalars(step, {k: v for k, v in evaluation.scalars(entry).items()
                                      if k.startswith("eval_")})
     heads = evaluation.console_line(entry)
-    logging.info("step %d/%d: eval accuracy %.4f, loss %.4f%s", step, self.schedule.total_steps,
-                 entry["eval_accuracy"], entry["eval_loss"], f"; {heads}" if heads else "")
+    line = (f"step {step}/{self.schedule.total_steps}: eval accuracy "
+            f"{entry['eval_accuracy']:.4f}, loss {entry['eval_loss']:.4f}"
+            + (f" (EMA {entry['eval_ema_accuracy']:.4f}, loss {entry['eval_ema_loss']:.4f})"
+               if "eval_ema_accuracy" in entry else "")
+            + (f"; {heads}" if heads else ""))
+    logging.info("%s", line)
+    self.console.evaluation(line)
     self.save_results(progress)
     progress.watch.start()
 
@@ -322,7 +346,8 @@ def initial_state(config, trainer: steps.Trainer) -> tuple:
   for k in model_config.init_heads:
     variables = models.place_head(variables, head, k)
   logging.info("Loaded %s into heads %s", source, tuple(model_config.init_heads))
-  state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+  state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                        ema=None if state.ema is None else steps.ema_start(variables))
   return jax.device_put(state, trainer.state_shardings), source
 
 

@@ -37,8 +37,9 @@ def check(workdir: str, config) -> None:
   diffs = [f"model.{k}: workdir has {saved_model.get(k)!r}, config has {our_model.get(k)!r}"
            for k in sorted(set(saved_model) | set(our_model))
            if saved_model.get(k) != our_model.get(k)]
-  diffs += [f"{k}: workdir has {saved.get(k)!r}, config has {ours[k]!r}"
-            for k in ours if k != "model" and saved.get(k) != ours[k]]
+  others = {**_signature(configlib.default_config()), **saved}
+  diffs += [f"{k}: workdir has {others.get(k)!r}, config has {ours[k]!r}"
+            for k in ours if k != "model" and others.get(k) != ours[k]]
   if diffs:
     raise WorkdirError(f"workdir {workdir} holds a run of a different model ("
                        + "; ".join(diffs) + "); use a new --workdir or the matching config")

@@ -151,10 +151,14 @@ def test_two_processes_agree_with_one_process(data_dir, tmp_path):
               env_with(1), log), log)
   wait_all(procs, TIMEOUT_S)
 
-  # Really one job of two processes, not two independent one-process runs.
-  for i in (0, 1):
-    assert f"jax.distributed: process {i} of 2" in tail(tmp_path / f"process{i}.log", 10**7), \
-        tail(tmp_path / f"process{i}.log")
+  # Really one job of two processes, not two independent one-process runs; each logs the detail
+  # to its own file in the workdir, and only process 0 shows progress on its terminal.
+  for i, name in ((0, "train.log"), (1, "train.process1.log")):
+    assert f"jax.distributed: process {i} of 2" in (dist_dir / name).read_text(), name
+  terminals = [tail(tmp_path / f"process{i}.log", 10**7) for i in (0, 1)]
+  assert "multi_cos step 6/6: eval accuracy" in terminals[0], terminals[0]
+  assert "eval accuracy" not in terminals[1], terminals[1]
+  assert not re.search(r"^I\d{4} ", terminals[1], re.M), terminals[1]  # no absl INFO line
 
   # Only process 0 prints the summary table and writes results.json (whole, no temporaries left) into the shared workdir.
   logs = [(tmp_path / f"process{i}.log").read_text(errors="replace") for i in (0, 1)]
@@ -316,7 +320,9 @@ def test_sigterm_on_one_process_stops_both_at_the_same_step_and_a_rerun_resumes(
   assert results["step"] == step and not results["finished"]
 
   logs = run_both("resumed", step + 2)
-  for i, log in enumerate(logs):
+  assert f"resuming from step {step} of {step + 2}" in logs[0], logs[0][-4000:]
+  for i, name in enumerate(("train.log", "train.process1.log")):  # each process's own log
+    log = (workdir / name).read_text()
     assert f"Resuming {workdir} from step {step}" in log, f"process {i}:\n{log[-4000:]}"
   results = json.loads((workdir / "results.json").read_text())
   assert results["finished"] and results["step"] == step + 2

@@ -273,3 +273,64 @@ def test_the_pretrained_head_protocol_trains_single_first_and_freezes_it_as_head
     jax.tree.map(np.testing.assert_array_equal, runs.head_variables(run, 0), stage_1)
     head_1 = runs.head_variables(run, 1)["params"]["conv1"]["kernel"]
     assert not np.allclose(head_1, stage_1["params"]["conv1"]["kernel"])
+
+
+RECIPE = {"label_smoothing": 0.1, "optimizer.clip_norm": 1.0, "optimizer.ema_decay": 0.9,
+          "optimizer.accum_steps": 2, "optimizer.decay_norm_and_bias": False,
+          "dataset.train_crop": "random_resized", "dataset.mixup_alpha": 0.4,
+          "dataset.cutmix_alpha": 1.0, "model.drop_path": 0.2, "batch_size": 16}
+
+
+def test_kill_and_resume_is_exact_with_every_recipe_field_on(digits_dir, tmp_path, monkeypatch):
+  config = load_config("digits", "multi_cos,smoke", **{"dataset.data_dir": digits_dir}, **RECIPE)
+  reference = train.train_and_evaluate(config, str(tmp_path / "reference"))
+  resumed = crash_and_resume(config, str(tmp_path / "resumed"), monkeypatch)
+  assert_same_history(resumed, reference)
+  for got, want in zip(resumed["history"], reference["history"]):
+    for key in ("eval_ema_accuracy", "eval_ema_loss"):  # the EMA is checkpointed
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
+  saved = reference["config"]
+  for field, value in RECIPE.items():  # results.json's config records every field
+    node = saved
+    for part in field.split("."):
+      node = node[part]
+    assert node == value, field
+
+
+def test_a_checkpoint_from_before_the_ema_field_restores(tmp_path):
+  """Checkpoints written before TrainState had `ema` hold four fields; they restore into a state
+  without an EMA (and one with an EMA saves and restores it)."""
+  import flax
+  import orbax.checkpoint as ocp
+  from featdiv_jax import checkpoint, steps
+
+  @flax.struct.dataclass
+  class OldTrainState:
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: tuple
+
+  old = OldTrainState(step=np.int32(4), params={"w": np.arange(3, dtype=np.float32)},
+                      batch_stats={"mean": np.ones(2, np.float32)}, opt_state=(np.zeros(3),))
+  with ocp.CheckpointManager(str(tmp_path), item_names=("state", "meta")) as manager:
+    manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(old),
+                                            meta=ocp.args.JsonSave({"step": 4})))
+    manager.wait_until_finished()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                          steps.TrainState(step=old.step, params=old.params,
+                                           batch_stats=old.batch_stats, opt_state=old.opt_state))
+  ckpts = checkpoint.Checkpoints(str(tmp_path), async_save=False)
+  step, state, meta = ckpts.restore_latest(abstract)
+  assert step == 4 and meta == {"step": 4} and state.ema is None
+  np.testing.assert_array_equal(state.params["w"], old.params["w"])
+  with_ema = state.replace(step=np.int32(5), ema=steps.ema_start(
+      {"params": {"w": np.full(3, 7.0, np.float32)}, "batch_stats": state.batch_stats}))
+  ckpts.save(5, with_ema, {"step": 5})
+  ckpts.wait()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                          with_ema)
+  step, state, _ = ckpts.restore_latest(abstract)
+  ckpts.close()
+  assert step == 5
+  np.testing.assert_array_equal(state.ema["params"]["w"], np.full(3, 7.0))

@@ -4,6 +4,9 @@ The project's default data set: 1,797 real images that ship inside scikit-learn,
 offline in seconds and goes through exactly the same TFDS reading path as CIFAR-10 or Flowers.
 """
 
+import contextlib
+import logging
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -41,6 +44,15 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
         homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html",
     )
 
+  # Preparing takes a second and needs no attention: TFDS's bold notices and progress bars, and
+  # its warning about the not-yet-written folder, go to the log (featdiv_jax.console), not the
+  # terminal.
+  def _log_download_bytes(self):
+    logging.info("preparing %s in %s (first use, a few seconds)", self.name, self.data_dir)
+
+  def _log_download_done(self):
+    logging.info("prepared %s in %s", self.name, self.data_dir)
+
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download: the data ships with scikit-learn
     return {name: self._generate_examples(idx) for name, idx in split_indices().items()}
@@ -51,3 +63,26 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     images = to_uint8(digits.images)[..., None]
     for i in indices:
       yield int(i), {"image": images[i], "label": int(digits.target[i])}
+
+
+@contextlib.contextmanager
+def quietly():
+  """Within it, TFDS shows no progress bar and logs its folder warnings at INFO."""
+  demote = _DemoteFolderWarnings()
+  logger = logging.getLogger("absl")
+  tfds.display_progress_bar(False)
+  logger.addFilter(demote)
+  try:
+    yield
+  finally:
+    logger.removeFilter(demote)
+    tfds.display_progress_bar(True)
+
+
+class _DemoteFolderWarnings(logging.Filter):
+  """TFDS warns 'Variant folder ... has no dataset_info.json' about the folder it is preparing."""
+
+  def filter(self, record):
+    if record.levelno == logging.WARNING and str(record.msg).startswith("Variant folder"):
+      record.levelno, record.levelname = logging.INFO, "INFO"
+    return True

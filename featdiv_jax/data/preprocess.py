@@ -1,7 +1,7 @@
 """Per-example image preprocessing in TensorFlow: decode, resize, pad, crop, flip (to uint8).
 
 Train: decode [-> grayscale] -> resize shorter side -> uint8 | zero pad -> random (or center)
-       crop -> random flip.
+       crop, or random_resized: an Inception-style crop resized to the crop size -> random flip.
 Eval:  decode [-> grayscale] -> resize shorter side -> uint8 | center crop.
 What comes before `|` (`Preprocess.decoded`) is what `dataset.cache` keeps in memory. Images
 stay uint8; the training step normalises them on the device with dataset.mean / std.
@@ -23,6 +23,8 @@ from featdiv_jax.data.errors import TRAIN_CROPS, DatasetError
 # here in integers it equals PIL on all 2**24 colours (checked against Pillow 13); TF's
 # tf.image.rgb_to_grayscale (weights 0.2989/0.5870/0.1140) is 1 level darker on 26% of them.
 GRAY_WEIGHTS = (19595, 38470, 7471)
+# torchvision's RandomResizedCrop (as timm uses it): boxes tried before the central fallback.
+RESIZED_CROP_ATTEMPTS = 10
 
 
 def config_field(dataset_config, field: str) -> Any:
@@ -65,6 +67,22 @@ def _triple(dataset_config, field: str, positive: bool) -> Tuple[float, float, f
   return triple
 
 
+def _range(dataset_config, field: str, default: Tuple[float, float],
+           upper: float = math.inf) -> Tuple[float, float]:
+  """A (low, high) range field, 0 < low <= high <= upper; `default` for configs saved before it
+  existed."""
+  value = optional_field(dataset_config, field, default)
+  try:
+    pair = tuple(float(v) for v in value)
+  except (TypeError, ValueError):
+    pair = ()
+  if len(pair) != 2 or not 0 < pair[0] <= pair[1] <= upper:
+    bound = "" if upper == math.inf else f" <= {upper:g}"
+    raise DatasetError(f"dataset.{field} must be two numbers 0 < low <= high{bound}, got "
+                       f"{value!r}")
+  return pair
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
   """The preprocessing fields of a data config, validated."""
@@ -74,8 +92,12 @@ class Preprocess:
   flip: bool = False
   mean: Tuple[float, float, float] = (0.0, 0.0, 0.0)
   std: Tuple[float, float, float] = (1.0, 1.0, 1.0)
-  train_crop: str = "random"  # or "center": the eval crop (after any pad), then the flip
+  # "random"; "center": the eval crop; "random_resized": torchvision's
+  # RandomResizedCrop(image_size, crop_scale, crop_ratio). Each after any pad, then the flip.
+  train_crop: str = "random"
   grayscale: bool = False     # PIL's convert('L') right after decoding, repeated to 3 channels
+  crop_scale: Tuple[float, float] = (0.08, 1.0)  # random_resized: the box's area fraction range
+  crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)  # ... and its aspect ratio (w / h) range
 
   @classmethod
   def from_config(cls, dataset_config) -> "Preprocess":
@@ -93,7 +115,9 @@ class Preprocess:
                pad=int_field(dataset_config, "pad", 0),
                mean=_triple(dataset_config, "mean", positive=False),
                std=_triple(dataset_config, "std", positive=True),
-               train_crop=train_crop, **flags)
+               train_crop=train_crop,
+               crop_scale=_range(dataset_config, "crop_scale", cls.crop_scale, upper=1.0),
+               crop_ratio=_range(dataset_config, "crop_ratio", cls.crop_ratio), **flags)
 
   def train(self, encoded: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """Encoded image bytes and an int64 seed pair -> augmented uint8 (S, S, 3)."""
@@ -114,16 +138,24 @@ class Preprocess:
   def augment(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """A `decoded` image and an int64 seed pair -> uint8 (S, S, 3): pad, crop, flip."""
     if self.pad:
+      # random_resized crops the padded image too: dataset.pad is applied before whichever train
+      # crop is configured (with random_resized some boxes then hold zero borders).
       image = tf.pad(image, [[self.pad, self.pad], [self.pad, self.pad], [0, 0]])
-    image = at_least(image, self.image_size)
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-    if self.train_crop == "center":
-      # The notebooks' Resize + CenterCrop: with pad 0 exactly the eval image. A symmetric pad
-      # changes nothing here unless the image is smaller than the crop.
-      image = center_crop(image, self.image_size)
+    if self.train_crop == "random_resized":
+      # Any box is resized to the crop size: a small image needs no `at_least` upscale.
+      height, width = _hw(image)
+      box = random_resized_boxes(height, width, crop_seed, 1, self.crop_scale, self.crop_ratio)
+      image = resized_crop(image, *(b[0] for b in box), size=self.image_size)
     else:
-      image = tf.image.stateless_random_crop(
-          image, [self.image_size, self.image_size, 3], seed=crop_seed)
+      image = at_least(image, self.image_size)
+      if self.train_crop == "center":
+        # The notebooks' Resize + CenterCrop: with pad 0 exactly the eval image. A symmetric pad
+        # changes nothing here unless the image is smaller than the crop.
+        image = center_crop(image, self.image_size)
+      else:
+        image = tf.image.stateless_random_crop(
+            image, [self.image_size, self.image_size, 3], seed=crop_seed)
     if self.flip:
       image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
     return image
@@ -137,7 +169,7 @@ class Preprocess:
     if self.resize_size:  # as resize_shorter_side computes it (float64, floored)
       r = self.resize_size
       h, w = (r, math.floor(r * w / h)) if h <= w else (math.floor(r * h / w), r)
-    if min(h, w) + 2 * self.pad < self.image_size:
+    if self.train_crop != "random_resized" and min(h, w) + 2 * self.pad < self.image_size:
       return None  # at_least would upscale: left to the per-image path
     return h, w
 
@@ -145,20 +177,31 @@ class Preprocess:
     """`augment` for a batch of `decoded` images of one static size, uint8 (B, H, W, 3), and one
     int64 seed pair: each image padded, cropped at its own offset and flipped by its own coin,
     all drawn at once for the batch. A few ops per batch instead of a dozen per image: what
-    keeps the pipeline's CPU time small next to a short training step."""
-    if self.pad:
+    keeps the pipeline's CPU time small next to a short training step.
+
+    random_resized: each image's own box (all drawn at once), cropped and resized one image at a
+    time by `resized_crop` as in `augment` (boxes differ in size, and tf.image.crop_and_resize
+    samples with aligned corners and no antialiasing, unlike tf.image.resize)."""
+    if self.pad:  # as in `augment`, random_resized included
       p = self.pad
       images = tf.pad(images, [[0, 0], [p, p], [p, p], [0, 0]])
     h, w, size = images.shape[1], images.shape[2], self.image_size
-    draws = tf.random.stateless_uniform([3, tf.shape(images)[0]], seed=seed, minval=0,
+    count = tf.shape(images)[0]
+    draws = tf.random.stateless_uniform([3, count], seed=seed, minval=0,
                                         maxval=1 << 62, dtype=tf.int64)
-    if self.train_crop == "center":
-      top, left = (h - size) // 2 + 0 * draws[0], (w - size) // 2 + 0 * draws[1]
+    if self.train_crop == "random_resized":
+      box_seed = tf.random.experimental.stateless_fold_in(seed, 1)  # independent of `draws`
+      boxes = random_resized_boxes(h, w, box_seed, count, self.crop_scale, self.crop_ratio)
+      images = tf.map_fn(lambda args: resized_crop(*args, size=size), (images, *boxes),
+                         fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
     else:
-      top, left = draws[0] % (h - size + 1), draws[1] % (w - size + 1)
-    span = tf.range(size, dtype=tf.int64)[None]
-    images = tf.gather(images, top[:, None] + span, axis=1, batch_dims=1)
-    images = tf.gather(images, left[:, None] + span, axis=2, batch_dims=1)
+      if self.train_crop == "center":
+        top, left = (h - size) // 2 + 0 * draws[0], (w - size) // 2 + 0 * draws[1]
+      else:
+        top, left = draws[0] % (h - size + 1), draws[1] % (w - size + 1)
+      span = tf.range(size, dtype=tf.int64)[None]
+      images = tf.gather(images, top[:, None] + span, axis=1, batch_dims=1)
+      images = tf.gather(images, left[:, None] + span, axis=2, batch_dims=1)
     if self.flip:
       flip = tf.equal(draws[2] % 2, 1)[:, None, None, None]
       images = tf.where(flip, tf.reverse(images, [2]), images)
@@ -237,6 +280,62 @@ def at_least(image: tf.Tensor, size: int) -> tf.Tensor:
     return to_uint8(resized) if image.dtype == tf.uint8 else tf.cast(resized, image.dtype)
 
   return tf.cond(short < size, upscale, lambda: image)
+
+
+def random_resized_boxes(height, width, seed: tf.Tensor, count, scale: Tuple[float, float],
+                         ratio: Tuple[float, float]) -> Tuple[tf.Tensor, ...]:
+  """torchvision's `RandomResizedCrop.get_params` for `count` images of one (height, width), drawn
+  statelessly from an int64 seed pair: (top, left, box_height, box_width), int32 (count,) each.
+
+  Per image, RESIZED_CROP_ATTEMPTS boxes (all drawn at once) of area fraction uniform in `scale`
+  and aspect ratio w / h log-uniform in `ratio`; the first that fits is placed uniformly in the
+  image, else the central crop of the image's aspect clamped to `ratio`."""
+  shape = [count, RESIZED_CROP_ATTEMPTS]
+  area_seed, ratio_seed, offset_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, num=3))
+  fractions = tf.random.stateless_uniform(shape, area_seed, scale[0], scale[1], tf.float64)
+  log_ratios = tf.random.stateless_uniform(shape, ratio_seed, math.log(ratio[0]),
+                                           math.log(ratio[1]), tf.float64)
+  offsets = tf.random.stateless_uniform([2, count], offset_seed, 0, 1 << 62, tf.int64)
+  return boxes_from_draws(height, width, fractions, log_ratios, offsets, ratio)
+
+
+def boxes_from_draws(height, width, fractions: tf.Tensor, log_ratios: tf.Tensor,
+                     offsets: tf.Tensor, ratio: Tuple[float, float]) -> Tuple[tf.Tensor, ...]:
+  """`random_resized_boxes` given its draws: float64 (count, attempts) area fractions and log
+  aspect ratios, int64 (2, count) nonnegative offset draws (reduced modulo the free rows and
+  columns)."""
+  height, width = tf.cast(height, tf.int64), tf.cast(width, tf.int64)
+  h64, w64 = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+  area, aspect = h64 * w64 * fractions, tf.exp(log_ratios)
+  # Python's round() as torchvision calls it: half to even, like tf.round.
+  box_w = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int64)
+  box_h = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int64)
+  fits = (box_w > 0) & (box_w <= width) & (box_h > 0) & (box_h <= height)
+  first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)  # 0 when none fits
+  accepted = tf.reduce_any(fits, axis=1)
+  box_h = tf.gather(box_h, first, axis=1, batch_dims=1)
+  box_w = tf.gather(box_w, first, axis=1, batch_dims=1)
+  # The fallback: the whole image, or its central part of the nearest aspect in `ratio` (at
+  # least one pixel, where torchvision would give an empty box).
+  in_ratio = w64 / h64
+  fall_h = tf.where(in_ratio < ratio[0], tf.round(w64 / ratio[0]), h64)
+  fall_w = tf.where(in_ratio > ratio[1], tf.round(h64 * ratio[1]), w64)
+  fall_h, fall_w = (tf.maximum(tf.cast(x, tf.int64), 1) for x in (fall_h, fall_w))
+  box_h = tf.where(accepted, box_h, fall_h)
+  box_w = tf.where(accepted, box_w, fall_w)
+  top = tf.where(accepted, offsets[0] % (height - box_h + 1), (height - box_h) // 2)
+  left = tf.where(accepted, offsets[1] % (width - box_w + 1), (width - box_w) // 2)
+  return tuple(tf.cast(x, tf.int32) for x in (top, left, box_h, box_w))
+
+
+def resized_crop(image: tf.Tensor, top: tf.Tensor, left: tf.Tensor, box_height: tf.Tensor,
+                 box_width: tf.Tensor, size: int) -> tf.Tensor:
+  """The box of an (H, W, 3) image resized to uint8 (size, size, 3): bilinear, antialiased when
+  shrinking, rounded to the nearest level (as `decoded` resizes)."""
+  box = tf.slice(image, tf.stack([top, left, 0]), tf.stack([box_height, box_width, 3]))
+  resized = _resize(tf.cast(box, tf.float32), tf.constant(size), tf.constant(size))
+  return tf.ensure_shape(to_uint8(resized), [size, size, 3])
 
 
 def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from featdiv_jax.data.digits import SklearnDigits
+from featdiv_jax.data import digits
 from featdiv_jax.data.errors import DATASETS, DatasetError
 from featdiv_jax.data.preprocess import config_field, optional_field
 
@@ -60,11 +60,13 @@ def open_source(dataset_config):
   if name == "imagefolder":
     return ImageFolderSource(data_dir)
   if name == "digits":
-    builder = SklearnDigits(data_dir=data_dir)
-    if not builder.is_prepared():
-      # Nothing to download (the data ships with scikit-learn); skip TFDS's GCS lookup, which
-      # would need the network.
-      prepare_once(builder, download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    with digits.quietly():
+      builder = digits.SklearnDigits(data_dir=data_dir)
+      if not builder.is_prepared():
+        # Nothing to download (the data ships with scikit-learn); skip TFDS's GCS lookup, which
+        # would need the network.
+        prepare_once(builder,
+                     download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   else:
     builder = tfds.builder(name, data_dir=data_dir)
     _prepare(builder, name, bool(getattr(dataset_config, "download", False)))

@@ -56,7 +56,7 @@ def heads_mesh(x: jax.Array):
   return mesh if size > 1 else None
 
 
-def _heads_in_turn(heads: nn.Module, x, train: bool, frozen, num_heads: int):
+def _heads_in_turn(heads: nn.Module, x, train: bool, flags: tuple, num_heads: int):
   """(num_heads, B, H, W, C): the stacked heads applied one after another.
 
   An `nn.scan` over the leading axis of the heads' variables: each step is one SE-ResNet with
@@ -64,43 +64,51 @@ def _heads_in_turn(heads: nn.Module, x, train: bool, frozen, num_heads: int):
   makes of per-head kernels. Variables, BatchNorm updates and intermediates come out stacked as
   under `nn.vmap`. Fully unrolled: XLA's cost analysis counts a while loop's body once, so a
   rolled scan would under-report the step's FLOPs K-fold (bench's `flops_per_step`); unrolling
-  costs compile time (1.7x for K=4 on XLA:CPU; docs/performance.md).
+  costs compile time (1.7x for K=4 on XLA:CPU; docs/performance.md). `flags`: the heads'
+  per-head SEResNet arguments after `train` (`_head_flags`), scanned over with the variables.
   """
-  scanned = () if frozen is None else (frozen,)
 
   def step(head, carry, x, *flag):
     return carry, head(x, train, *flag)
 
   scan = nn.scan(step, variable_axes={c: 0 for c in HEAD_COLLECTIONS},
                  split_rngs={"params": True, "dropout": True},
-                 in_axes=(nn.broadcast,) + (0,) * len(scanned), length=num_heads,
+                 in_axes=(nn.broadcast,) + (0,) * len(flags), length=num_heads,
                  unroll=num_heads)
-  _, features = scan(heads, (), x, *scanned)
+  _, features = scan(heads, (), x, *flags)
   return features
 
 
-def _lifted_shard_map(fn, mesh):
+def _lifted_shard_map(fn, mesh, rngs: tuple):
   """flax.core's form of `jax.shard_map` over the mesh's heads axis (manual), its other axes
-  left to the partitioner: `fn(scope, x, frozen)` sees its device group's slice of every stacked
-  variable (`HEAD_COLLECTIONS`, leading axis) and of `frozen`, and the whole `x`. Its output and
-  the variables it writes are concatenated back along their leading axis. No rngs go in."""
+  left to the partitioner: `fn(scope, x, flags)` sees its device group's slice of every stacked
+  variable (`HEAD_COLLECTIONS`, leading axis) and of the per-head `flags`, and the whole `x`.
+  Its output and the variables it writes are concatenated back along their leading axis.
 
-  def inner(scope_fn, repack_fn, variable_groups, rng_groups, x, frozen):
+  The rngs named in `rngs` (("dropout",) for drop path, else none) go in with the device
+  group's index folded in: the heads' scan splits them by the local head index, which alone
+  would give head k of every group the same masks. So the masks' bits, not their distribution,
+  depend on the heads' split over groups (a resumed run keeps its mesh: it repeats them)."""
+
+  def inner(scope_fn, repack_fn, variable_groups, rng_groups, x, flags):
     heads = P(HEADS_AXIS)
 
-    def local(variable_groups, x, frozen):
+    def local(variable_groups, rng_groups, x, flags):
+      rng_groups = lift.tree_map_rngs(
+          lambda key: jax.random.fold_in(key, jax.lax.axis_index(HEADS_AXIS)), rng_groups)
       scope = scope_fn(variable_groups, rng_groups)
-      y = fn(scope, x, frozen)
+      y = fn(scope, x, flags)
       return y, repack_fn(scope)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(heads, P(), heads),
+    return jax.shard_map(local, mesh=mesh, in_specs=(heads, P(), P(), heads),
                          out_specs=(heads, heads), axis_names=frozenset({HEADS_AXIS}))(
-                             variable_groups, x, frozen)
+                             variable_groups, rng_groups, x, flags)
 
-  return lift.pack(inner, HEAD_COLLECTIONS, HEAD_COLLECTIONS, (), name="shard_map")
+  return lift.pack(inner, HEAD_COLLECTIONS, HEAD_COLLECTIONS, rngs, name="shard_map")
 
 
-def _heads_per_device_group(heads: nn.Module, x, train: bool, frozen, num_heads: int, mesh):
+def _heads_per_device_group(heads: nn.Module, x, train: bool, flags: tuple, num_heads: int,
+                            mesh):
   """`_heads_in_turn` under a shard_map over the `heads` mesh axis: each device group runs its
   own num_heads / n heads, on the batch as split over the other axes."""
   groups = dict(zip(mesh.axis_names, mesh.axis_sizes))[HEADS_AXIS]
@@ -109,10 +117,21 @@ def _heads_per_device_group(heads: nn.Module, x, train: bool, frozen, num_heads:
                      f"{groups} devices; use a heads axis that divides num_heads")
   local_heads = num_heads // groups
 
-  def per_group(head, x, frozen):
-    return _heads_in_turn(head, x, train, frozen, local_heads)
+  def per_group(head, x, flags):
+    return _heads_in_turn(head, x, train, flags, local_heads)
 
-  return nn.transforms.lift_transform(_lifted_shard_map, per_group, mesh)(heads, x, frozen)
+  rngs = ("dropout",) if heads.drop_path > 0.0 else ()  # only drop path draws in the heads
+  return nn.transforms.lift_transform(_lifted_shard_map, per_group, mesh, rngs)(
+      heads, x, flags)
+
+
+def _head_flags(bn_frozen, spared) -> tuple:
+  """The per-head SEResNet arguments after `train` (`frozen`, `spared`), trailing Nones left
+  out: none at all for heads that are not frozen, so the traced program is unchanged."""
+  flags = (bn_frozen, spared)
+  while flags and flags[-1] is None:
+    flags = flags[:-1]
+  return flags
 
 
 class MultiHeadNet(nn.Module):
@@ -124,6 +143,11 @@ class MultiHeadNet(nn.Module):
   "running", with their running BatchNorm statistics, left unchanged; "batch" (the paper's
   notebooks, whose frozen head stays in train mode), with the batch's statistics, their running
   statistics updating as any head's. K=1 with `pool_linear` is exactly a single SE-ResNet.
+
+  Stochastic depth (the backbone's `drop_path`) draws from the `dropout` rng, split over heads
+  so that each head drops its own paths. Frozen heads drop none, whatever `frozen_bn`: their
+  features stay those of the fixed pretrained network, as in the paper's protocol (with
+  "batch" only the normalisation follows the batch, as the notebooks' train-mode head does).
   """
   backbone: Mapping[str, Any]  # SEResNet fields (a FrozenDict keeps the module hashable)
   num_heads: int
@@ -148,10 +172,13 @@ class MultiHeadNet(nn.Module):
     # What the heads' BatchNorm is told is frozen: nothing, when frozen heads normalise as in
     # training; the gradient is stopped below either way.
     bn_frozen = frozen if self.frozen_bn == "running" else None
+    # What DropPath is told is frozen (class docstring): only needed when it drops paths.
+    spared = frozen if self.backbone.get("drop_path", 0.0) > 0.0 else None
+    flags = _head_flags(bn_frozen, spared)
     if self.heads_impl == "loop":
       features = jnp.stack([
           SEResNet(**dict(self.backbone), num_classes=0, name=f"head_{k}")(
-              x, train, None if bn_frozen is None else bn_frozen[k])
+              x, train, *(None if f is None else f[k] for f in flags))
           for k in range(self.num_heads)])
     elif self.num_heads == 1 and not self.is_initializing():
       # One head: the same stacked variables (initialised by nn.vmap below, so identical), but
@@ -162,7 +189,7 @@ class MultiHeadNet(nn.Module):
           trans_in_fn=lambda tree: jax.tree.map(lambda a: a[0], tree),
           trans_out_fn=lambda tree: jax.tree.map(lambda a: a[None], tree), mutable=True,
       )(**dict(self.backbone), num_classes=0, name="heads")
-      features = head(x, train, None if bn_frozen is None else bn_frozen[0])[None]
+      features = head(x, train, *(None if f is None else f[0] for f in flags))[None]
     elif self.is_initializing() or self.backbone.get("conv_impl", SEResNet.conv_impl) != "xla":
       # Initialisation, whatever the convolution (so every path computes on the same variables
       # from the same rng), and im2col convolutions, which nn.vmap turns into batched matmuls
@@ -171,20 +198,20 @@ class MultiHeadNet(nn.Module):
           SEResNet,
           variable_axes={c: 0 for c in HEAD_COLLECTIONS},
           split_rngs={"params": True, "dropout": True},
-          in_axes=(None, None) + ((0,) if bn_frozen is not None else ()),
+          in_axes=(None, None) + (0,) * len(flags),
           axis_size=self.num_heads,
       )(**dict(self.backbone), num_classes=0, name="heads")
       # `train` goes positionally: nn.vmap drops keyword arguments.
-      features = heads(x, train, *(() if bn_frozen is None else (bn_frozen,)))
+      features = heads(x, train, *flags)
     else:
       # XLA's convolutions: the heads in turn, so that no grouped convolution meets the batch
       # split over `data`; over a heads mesh axis, each device group runs its own heads.
       heads = SEResNet(**dict(self.backbone), num_classes=0, name="heads")
       mesh = heads_mesh(x)
       if mesh is not None:
-        features = _heads_per_device_group(heads, x, train, bn_frozen, self.num_heads, mesh)
+        features = _heads_per_device_group(heads, x, train, flags, self.num_heads, mesh)
       else:
-        features = _heads_in_turn(heads, x, train, bn_frozen, self.num_heads)
+        features = _heads_in_turn(heads, x, train, flags, self.num_heads)
     if frozen is not None:
       features = jnp.where(frozen[:, None, None, None, None],
                            jax.lax.stop_gradient(features), features)
@@ -220,8 +247,10 @@ class MultiHeadNet(nn.Module):
 def create_multihead(arch: str, num_heads: int, num_classes: int, *, fusion: str = "concat",
                      classifier: str = "flatten_mlp", hidden: int = 512, dropout: float = 0.5,
                      frozen_heads: Sequence[int] = (), heads_impl: str = "vmap",
-                     frozen_bn: str = "running", **options) -> MultiHeadNet:
-  """A MultiHeadNet of `num_heads` `arch` backbones; `options` as for `create_model`."""
+                     frozen_bn: str = "running", drop_path: float = 0.0,
+                     **options) -> MultiHeadNet:
+  """A MultiHeadNet of `num_heads` `arch` backbones; `options` as for `create_model`.
+  `drop_path`: every head's stochastic-depth rate (timm's `drop_path_rate`; SEResNet)."""
   if num_heads < 1:
     raise ValueError(f"num_heads must be >= 1, got {num_heads}")
   if fusion not in FUSIONS:
@@ -239,7 +268,8 @@ def create_multihead(arch: str, num_heads: int, num_classes: int, *, fusion: str
     raise ValueError(f"frozen_heads {list(frozen_heads)} has index(es) {bad} outside "
                      f"0..{num_heads - 1} for num_heads={num_heads}")
   return MultiHeadNet(
-      backbone=FrozenDict(backbone_fields(arch, **options)), num_heads=num_heads, num_classes=num_classes,
+      backbone=FrozenDict(backbone_fields(arch, drop_path=drop_path, **options)),
+      num_heads=num_heads, num_classes=num_classes,
       fusion=fusion, classifier=classifier, hidden=hidden, dropout=dropout,
       frozen_heads=tuple(sorted({int(k) for k in frozen_heads})), heads_impl=heads_impl,
       frozen_bn=frozen_bn)

@@ -132,14 +132,54 @@ class SqueezeExcite(nn.Module):
     return x * s[:, None, None, :].astype(x.dtype)
 
 
+def drop_path_rates(rate: float, num_blocks: int) -> tuple:
+  """Per-block stochastic-depth rates: timm's resnet `make_blocks`, `drop_path_rate *
+  net_block_idx / (net_num_blocks - 1)` over the network's blocks in order, from 0 for the first
+  block to `rate` for the last. A one-block network (where timm divides by zero) gets 0."""
+  return tuple(rate * i / max(num_blocks - 1, 1) for i in range(num_blocks))
+
+
+class DropPath(nn.Module):
+  """timm's DropPath (stochastic depth): in training, each example's input is zeroed with
+  probability `rate` and scaled by 1 / (1 - rate) otherwise, one draw per example (mask shape
+  (B, 1, ..., 1)); the identity when `deterministic`. Noise comes from the `dropout` rng, which
+  `nn.vmap` / `nn.scan` over heads split, so every head draws its own masks. `spared` (a traced
+  boolean, one per head under `nn.vmap`) passes the input through unchanged: a frozen head.
+  """
+  rate: float
+  deterministic: Optional[bool] = None
+  spared: Optional[jax.Array] = None
+  rng_collection: str = "dropout"
+
+  @nn.compact
+  def __call__(self, x, deterministic: Optional[bool] = None):
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    if deterministic or self.rate == 0.0:
+      return x
+    keep_prob = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    keep = jax.random.bernoulli(self.make_rng(self.rng_collection), keep_prob, shape)
+    scale = keep.astype(jnp.float32)
+    if keep_prob > 0.0:
+      scale = scale / keep_prob
+    if self.spared is not None:
+      scale = jnp.where(self.spared, 1.0, scale)
+    return x * scale.astype(x.dtype)
+
+
 class _Block(nn.Module):
-  """Shared shortcut / SE / residual logic of timm's BasicBlock and Bottleneck."""
+  """Shared shortcut / SE / residual logic of timm's BasicBlock and Bottleneck.
+
+  `drop_path` makes the block's DropPath (a partial with its rate), applied to the residual
+  branch after squeeze-excite, before the shortcut is added, as in timm; None (rate 0): none.
+  """
   features: int
   strides: int
   conv: ModuleDef
   norm: ModuleDef
   dtype: Dtype = jnp.float32
   zero_init_last: bool = True
+  drop_path: Optional[ModuleDef] = None
   expansion: ClassVar[int] = 1
 
   def last_norm(self, name):
@@ -149,6 +189,8 @@ class _Block(nn.Module):
   def finish(self, x, y):
     out = self.features * self.expansion
     y = SqueezeExcite(se_reduced_width(out), dtype=self.dtype, name="se")(y)
+    if self.drop_path is not None:
+      y = self.drop_path(name="drop_path")(y)
     if self.strides != 1 or x.shape[-1] != out:
       x = self.conv(out, (1, 1), self.strides, padding=0, name="downsample_conv")(x)
       x = self.norm(name="downsample_bn")(x)
@@ -192,6 +234,8 @@ class SEResNet(nn.Module):
   `stem="imagenet"` is timm's 7x7/2 conv + 3x3/2 max-pool; `stem="cifar"` is a 3x3/1 conv with
   no pooling, the usual choice for 32x32 images (the ImageNet stem leaves a 1x1 final map there).
   `dtype` is the compute dtype; parameters and BatchNorm statistics stay float32.
+  `drop_path` is timm's `drop_path_rate`: stochastic depth in training, at rates rising linearly
+  over the blocks to it (`drop_path_rates`); no variables, and rate 0 adds no operation at all.
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
@@ -202,9 +246,12 @@ class SEResNet(nn.Module):
   zero_init_last: bool = True
   dtype: Dtype = jnp.float32
   conv_impl: str = "xla"
+  drop_path: float = 0.0
 
   @nn.compact
-  def __call__(self, x, train: bool = False, frozen: Optional[jax.Array] = None):
+  def __call__(self, x, train: bool = False, frozen: Optional[jax.Array] = None,
+               spared: Optional[jax.Array] = None):
+    """`frozen`: BatchNorm's (see there); `spared`: DropPath's, drop no paths (a frozen head)."""
     conv = functools.partial(nn.Conv if self.conv_impl == "xla" else PatchConv,
                              use_bias=False, dtype=self.dtype, kernel_init=conv_init)
     norm = functools.partial(
@@ -220,11 +267,16 @@ class SEResNet(nn.Module):
       x = conv(self.stem_width, (3, 3), 1, padding=1, name="conv1")(x)
       x = nn.relu(norm(name="bn1")(x))
 
+    rates = iter(drop_path_rates(self.drop_path, sum(self.stage_sizes)))
     for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for j in range(blocks):
+        rate = next(rates)
+        drop_path = (functools.partial(DropPath, rate, deterministic=not train, spared=spared)
+                     if rate > 0.0 else None)
         x = self.block_cls(
             width, 2 if i > 0 and j == 0 else 1, conv, norm, dtype=self.dtype,
-            zero_init_last=self.zero_init_last, name=f"layer{i + 1}_{j}")(x)
+            zero_init_last=self.zero_init_last, drop_path=drop_path,
+            name=f"layer{i + 1}_{j}")(x)
 
     self.sow("intermediates", "features", x)
     if self.num_classes == 0:
@@ -249,7 +301,7 @@ ARCHS = {
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 BACKBONE_OPTIONS = ("stem", "dtype", "widths", "stage_sizes", "stem_width", "block",
-                    "zero_init_last", "conv_impl")
+                    "zero_init_last", "conv_impl", "drop_path")
 
 
 def default_conv_impl() -> str:
@@ -303,6 +355,12 @@ def backbone_fields(arch: str, **options) -> dict:
   for key in ("widths", "stage_sizes"):
     if key in options:
       options[key] = tuple(int(v) for v in options[key])
+  if "drop_path" in options:
+    rate = float(options.pop("drop_path"))
+    if not 0.0 <= rate < 1.0:
+      raise ValueError(f"drop_path={rate} must be in [0, 1)")
+    if rate:  # 0 leaves the fields, so the model, equal to one built without it
+      options["drop_path"] = rate
   fields.update(options)
   stem = fields.get("stem", SEResNet.stem)
   if stem not in STEMS:
