@@ -4,8 +4,11 @@ The meta saved with step N is the loop's bookkeeping as of step N, so a resumed 
 its eval history from exactly the checkpoint it restarts from.
 """
 
+import contextlib
 import dataclasses
 import os
+import shutil
+import sys
 from typing import Any, Optional
 
 from etils import epath
@@ -13,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from featdiv_jax import guards
+from featdiv_jax import files, guards
 
 
 BEST_METRIC = "eval_accuracy"
@@ -42,6 +45,10 @@ class Checkpoints:
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(**options),
         item_names=("state", "meta"))
+    _log_orphaned_writes()
+    self.in_flight = None  # the step of the asynchronous save under way
+    self.failed = None  # the step a full disk stopped (later errors of it were reported already)
+    self._space_warned = False
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -52,11 +59,67 @@ class Checkpoints:
   def save(self, step: int, state: Any, meta: dict, best: Optional[float] = None) -> None:
     """Starts an asynchronous save; orbax writes into a temporary directory and renames it
     when complete, so a kill mid-save leaves no step that `latest_step` would pick up.
-    `best`: the eval accuracy that makes this step the best so far (kept with `keep_best`)."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_as_saved(state)), meta=ocp.args.JsonSave(meta)), force=True,
-        metrics=None if best is None else {BEST_METRIC: best})
+    `best`: the eval accuracy that makes this step the best so far (kept with `keep_best`).
+
+    A full disk -- now, or in the background save before this one -- raises
+    guards.DiskFullError naming the step that could not be saved and the last complete one;
+    too little free space for another checkpoint gets a warning first (once)."""
+    self.wait()  # orbax would wait here too: the previous save's failure belongs to its step
+    self._warn_if_short_of_space(state)
+    guards.disk_fault("save", step, self.directory)
+    with self._saving(step):
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_as_saved(state)), meta=ocp.args.JsonSave(meta)),
+          force=True, metrics=None if best is None else {BEST_METRIC: best})
+    self.in_flight = step
     guards.fault_point("save", step)
+
+  def finished_steps(self) -> list[int]:
+    """The steps whose save completed, from the directory itself (orbax renames a step's
+    temporary directory to the bare step number when, and only when, the step is complete)."""
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
+
+  def _warn_if_short_of_space(self, state: Any) -> None:
+    """A warning (once) when the free space under the directory is less than twice the size of
+    the state's arrays: the next saves may fail (statvfs; costs microseconds)."""
+    if self._space_warned or jax.process_index() != 0:
+      return
+    need = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
+    free = shutil.disk_usage(self.directory).free
+    if free < 2 * need:
+      self._space_warned = True
+      logging.warning("Only %.0f MB free in %s and a checkpoint takes about %.0f MB: free space "
+                      "before the disk fills up and a save fails.", free / 2**20, self.directory,
+                      need / 2**20)
+
+  @contextlib.contextmanager
+  def _saving(self, step: Optional[int]):
+    """Turns a full disk's error inside into one guards.DiskFullError for `step`; what orbax
+    reports again of the same failure afterwards (at wait, at close) is only logged."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if guards.disk_full(e) is None:
+        raise
+      if self.failed is not None:
+        logging.warning("Again out of space in %s: %s", self.directory, e)
+        return
+      self.failed = step
+      raise guards.DiskFullError(
+          f"no space left on device in {self.directory}: the checkpoint of step {step} could "
+          f"not be saved (its unfinished files are never resumed from); {self.after_disk_full()}"
+      ) from e
+
+  def after_disk_full(self) -> str:
+    """What is safe and what to do, for a full-disk message."""
+    finished = self.finished_steps()
+    if not finished:
+      return ("there is no complete checkpoint yet; free space and re-run the same command to "
+              "start again")
+    return (f"the last complete checkpoint is step {finished[-1]} in {self.directory}; free "
+            "space and re-run the same command to resume from it")
 
   def restore_latest(self, abstract_state: Any) -> Optional[tuple]:
     """(step, state, meta) of the newest step that restores, or None if there is none.
@@ -77,7 +140,7 @@ class Checkpoints:
                         "falling back to an older step.", step, self.directory,
                         type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "", damaged)
         if jax.process_index() == 0:
-          os.replace(os.path.join(self.directory, str(step)), _unused(damaged))
+          os.replace(os.path.join(self.directory, str(step)), files.unused_path(damaged))
         self.manager.reload()
     return None
 
@@ -102,10 +165,34 @@ class Checkpoints:
     return state, dict(restored.meta)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save under way; guards.DiskFullError if the disk filled up during it."""
+    with self._saving(self.in_flight):
+      self.manager.wait_until_finished()
+    self.in_flight = None
 
   def close(self) -> None:
-    self.manager.close()
+    with self._saving(self.in_flight):
+      self.manager.close()
+
+
+def _log_orphaned_writes() -> None:
+  """Once per process: the 'Event loop is closed' errors of array writes that finish after
+  their save already failed (a full disk: orbax's event loop of that save is gone, tensorstore's
+  callbacks still arrive) go to the log, not as dozens of tracebacks on stderr. Any other
+  unraisable error reaches the previous hook as before."""
+  previous = sys.unraisablehook
+  if getattr(previous, "featdiv_jax", False):
+    return
+
+  def hook(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      logging.info("A checkpoint write finished after its save had failed: %s",
+                   unraisable.exc_value)
+      return
+    previous(unraisable)
+  hook.featdiv_jax = True
+  sys.unraisablehook = hook
 
 
 def _as_saved(state: Any) -> Any:
@@ -120,12 +207,3 @@ def _as_saved(state: Any) -> Any:
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract_state, shardings)
-
-
-def _unused(path: str) -> str:
-  """`path`, or `path.2`, `path.3`... if it exists: a quarantined step is never overwritten."""
-  candidate, n = path, 1
-  while os.path.exists(candidate):
-    n += 1
-    candidate = f"{path}.{n}"
-  return candidate

@@ -7,7 +7,11 @@ mid-eval); it does nothing unless FEATDIV_FAULT names that moment.
 import errno
 import fcntl
 import os
+import re
 import signal
+import socket
+import sys
+import threading
 from typing import Optional
 
 from absl import logging
@@ -34,20 +38,27 @@ class WorkdirLock:
   def __enter__(self):
     if jax.process_index() != 0:
       return self
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    workdir = os.path.dirname(self.path)
+    os.makedirs(workdir, exist_ok=True)
+    try:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a directory in its place, another user's file, a read-only mount
+      raise WorkdirBusyError(
+          f"{self.path} cannot be used as this workdir's lock ({e.strerror}); if no run is "
+          "using the workdir, remove it and re-run the same command") from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-      holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+      holder = " ".join(os.pread(fd, 256, 0).decode(errors="replace").split()[:3]) or "unknown"
       os.close(fd)
       if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
         raise
       raise WorkdirBusyError(
-          f"workdir {os.path.dirname(self.path)} is in use by another run (pid {holder}); wait "
-          "for it to finish or stop it, or use another --workdir") from None
+          f"workdir {workdir} is in use by another run (pid {holder}); wait for it to finish "
+          f"or stop it, or use another --workdir (a lock whose run is gone -- its host died -- "
+          f"lapses by itself; {self.path} may then be removed)") from None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     self._fd = fd
     return self
 
@@ -58,14 +69,24 @@ class WorkdirLock:
 
 
 class PreemptionWatch:
-  """Turns SIGTERM (a cloud VM's or a scheduler's preemption notice) into a stop the loop polls.
+  """Turns SIGTERM (a cloud VM's or a scheduler's preemption notice) and SIGINT (Ctrl-C) into a
+  stop the loop polls: the current step finishes, is saved, and the run ends (`signal_name` says
+  which arrived).
+
+  SIGINT: a Python handler in both modes below, so a Ctrl-C never raises KeyboardInterrupt
+  inside XLA (a compile interrupted that way can crash the process); the request is honoured at
+  the next step, after a compile or an evaluation in progress. With jax.distributed the handler
+  passes it on as a SIGTERM to this process, so that JAX's notifier makes every host stop at the
+  same step. A second SIGINT stops at once (`os._exit(130)`, with one line): an unfinished save
+  is never a checkpoint, so the last complete one stays the last good one.
 
   Two ways, decided when the watch is entered:
   - jax.distributed running with its preemption service (JAX's default; any number of
     processes): `jax.distributed.initialize` installed a C++ SIGTERM notifier that tells every
     process through the coordination service, and `should_stop` is JAX's preemption sync point,
-    True at the same step on every host, so all save that step together. No Python handler is
-    installed: it would replace JAX's notifier, and the sync point would then never fire.
+    True at the same step on every host, so all save that step together. No Python SIGTERM
+    handler is installed: it would replace JAX's notifier, and the sync point would then never
+    fire (the SIGINT handler only passes a Ctrl-C on to it).
   - one process without jax.distributed: a Python SIGTERM handler sets a flag that
     `should_stop` returns.
   With several processes but the preemption service turned off (jax_enable_preemption_service),
@@ -79,25 +100,38 @@ class PreemptionWatch:
 
   def __init__(self):
     self.requested = False
+    self.signal_name = "SIGTERM"  # what asked for the stop; SIGINT once a Ctrl-C did
     self.mode = None  # "sync", "local" or "off", set by __enter__
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
     self.mode = _preemption_mode()
+    handlers = {signal.SIGINT: self._interrupt}
     if self.mode == "local":
-      try:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-      except ValueError:  # not the main thread: leave signals alone
-        self._previous = None
+      handlers[signal.SIGTERM] = self._handle
     elif self.mode == "off":
       logging.warning("jax.distributed runs without its preemption service "
                       "(jax_enable_preemption_service=False): a SIGTERM will not save a "
                       "checkpoint")
+    if threading.current_thread() is threading.main_thread():  # else leave signals alone
+      self._previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     return self
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def _interrupt(self, signum, frame):
+    del signum, frame
+    if self.signal_name == "SIGINT":  # the second Ctrl-C
+      print("featdiv_jax: interrupted again: stopped at once; the last complete checkpoint is "
+            "the one a re-run resumes from", file=sys.stderr, flush=True)
+      os._exit(130)  # pylint: disable=protected-access
+    self.signal_name = "SIGINT"
+    if self.mode == "sync":
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier: every host stops at one step
+    else:
+      self.requested = True
 
   def start(self, step: int) -> None:
     """Records the step a run starts from (call once, before its first training step)."""
@@ -116,9 +150,9 @@ class PreemptionWatch:
     return self.mode
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
 
 
 def _preemption_mode() -> str:
@@ -129,15 +163,133 @@ def _preemption_mode() -> str:
   return "local" if jax.process_count() == 1 else "off"
 
 
-def fault_point(name: str, step: int) -> None:
-  """Signals this process when FEATDIV_FAULT is `name:step[:SIGNAL]` (fault-injection tests).
+def _faults(name: str, step: int):
+  """The FEATDIV_FAULT entries `name:step[:WHAT[:DELAY]]` for this point: their [WHAT, DELAY]."""
+  for fault in os.environ.get("FEATDIV_FAULT", "").split(","):
+    parts = fault.split(":")
+    if parts[:2] == [name, str(step)]:
+      yield parts[2:]
+
+
+def fault_point(name: str, step: int, path: Optional[str] = None) -> None:
+  """Signals this process when FEATDIV_FAULT holds `name:step[:SIGNAL[:DELAY]]` (fault-injection
+  tests; several comma-separated), after DELAY seconds (from another thread) if given; with
+  `ENOSPC` in place of SIGNAL, raises a full disk's OSError for `path` instead.
 
   Points: `step` (after a train step is dispatched), `save` (a checkpoint save is in flight),
-  `eval` (after the first eval batch). SIGNAL defaults to KILL; TERM is a preemption notice.
+  `eval` (after the first eval batch), `compile` (the first step of a run, about to compile;
+  `step` is the step it starts from), `results` (results.json is about to be written).
+  SIGNAL defaults to KILL; TERM is a preemption notice, INT a Ctrl-C; `OOM` in its place raises
+  the device's out-of-memory error.
   """
-  parts = os.environ.get("FEATDIV_FAULT", "").split(":")
-  if parts[:2] == [name, str(step)]:
-    os.kill(os.getpid(), getattr(signal, f"SIG{parts[2] if len(parts) > 2 else 'KILL'}"))
+  for what in _faults(name, step):
+    if what[:1] == ["ENOSPC"]:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    if what[:1] == ["OOM"]:  # the error a GPU's allocator gives for a batch that does not fit
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                       "allocate 25769803776 bytes.")
+    sig = getattr(signal, f"SIG{what[0] if what else 'KILL'}")
+    if len(what) > 1:
+      threading.Timer(float(what[1]), os.kill, (os.getpid(), sig)).start()
+    else:
+      os.kill(os.getpid(), sig)
+
+
+def disk_fault(name: str, step: int, directory: str) -> None:
+  """FEATDIV_FAULT `name:step:ENOSPC` (with name `save`: the checkpoint save of `step`, before
+  it starts): from now on every file orbax writes below `directory` -- from its writer threads,
+  as on a disk that has just filled up -- fails with ENOSPC. Test-only, like `fault_point`."""
+  if not any(what[:1] == ["ENOSPC"] for what in _faults(name, step)):
+    return
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path_type = type(epath.Path(directory))
+  write_text, prefix = path_type.write_text, os.path.join(directory, "")
+
+  def full(self, *args, **kwargs):
+    if str(self).startswith(prefix):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    return write_text(self, *args, **kwargs)
+  path_type.write_text = full
+
+
+class DiskFullError(Exception):
+  """The disk of the workdir filled up: what could not be saved and what is safe, in one line."""
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(exc: BaseException) -> Optional[BaseException]:
+  """The out-of-space error in `exc`'s chain (causes, contexts, exception groups) -- an OSError
+  with ENOSPC/EDQUOT, or an error whose text says so (TensorFlow's and tensorstore's) -- else
+  None."""
+  stack, seen = [exc], set()
+  while stack:
+    e = stack.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, DiskFullError) or (isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS):
+      return e
+    if any(text in str(e) for text in ("No space left on device", "Disk quota exceeded")):
+      return e
+    stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+  return None
+
+
+def disk_full_message(exc: BaseException, workdir: str) -> Optional[str]:
+  """One line for a full disk anywhere in `exc`'s chain (the DiskFullError the loop raised if
+  there is one), else None."""
+  stack, seen, found = [exc], set(), None
+  while stack:  # a DiskFullError says the most; it may sit under a later error's context
+    e = stack.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, DiskFullError):
+      return str(e)
+    stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+  found = disk_full(exc)
+  if found is None:
+    return None
+  where = getattr(found, "filename", None) or workdir
+  return (f"no space left on device writing {where}; free space there and re-run the same "
+          "command: it resumes from the last complete checkpoint in "
+          f"{os.path.join(workdir, 'checkpoints')}")
+
+
+class OutOfMemoryError(ValueError):
+  """The batch (or the model) does not fit in the device's or the host's memory."""
+
+
+_ASKED = (  # how XLA's allocators (GPU, CPU, TPU) and numpy say how much memory was asked for
+    (re.compile(r"allocate (\d+) bytes"), lambda m: f"{int(m[1]) / 2**30:.1f} GiB asked for"),
+    (re.compile(r"allocate ([\d.]+\s*[KMGT]i?B)"), lambda m: f"{m[1]} asked for"),
+    (re.compile(r"Used ([\d.]+\s*[KMGT]i?B?) of ([\d.]+\s*[KMGT]i?B?) (\w+)"),
+     lambda m: f"{m[1]} needed of {m[2]} {m[3]}"))
+
+
+def out_of_memory(exc: BaseException) -> Optional[str]:
+  """For an out-of-memory error anywhere in `exc`'s chain (XLA's RESOURCE_EXHAUSTED on a device,
+  a MemoryError on the host): what it says was asked for ("24.0 GiB asked for", or "the amount
+  is not reported"); None for any other error."""
+  stack, seen = [exc], set()
+  while stack:
+    e = stack.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    text = str(e)
+    if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or re.search(
+        r"out of memory", text, re.IGNORECASE):
+      where = "host memory" if isinstance(e, MemoryError) else "device memory"
+      for pattern, say in _ASKED:
+        found = pattern.search(text)
+        if found:
+          return f"{where}: {say(found)}"
+      return f"{where}: the amount is not reported"
+    stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+  return None
 
 
 def first_nonfinite(values: dict) -> Optional[tuple]:

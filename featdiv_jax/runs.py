@@ -73,7 +73,14 @@ def best_step(workdir: str) -> Optional[int]:
   path = os.path.join(workdir, workdir_lib.RESULTS_FILE)
   if not os.path.isfile(path):
     return None
-  results = read_json(path)
+  try:
+    results = read_json(path)
+    if not isinstance(results, dict):
+      raise TypeError(f"it holds a {type(results).__name__}")
+  except (ValueError, TypeError, UnicodeDecodeError) as e:
+    raise RunError(f"{path} is damaged ({type(e).__name__}: {str(e)[:120]}), so the best step is "
+                   "unknown: re-run the run's training command on this workdir to rebuild it "
+                   "from its checkpoints, or name a step (latest or a number)") from None
   if results.get("best_step") is not None:
     return int(results["best_step"])
   history = results.get("history") or []

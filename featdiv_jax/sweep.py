@@ -336,8 +336,9 @@ def _is_primary_process(environ=None) -> bool:
 
 
 class _Signals:
-  """Forwards SIGINT/SIGTERM to the running child as SIGTERM (main then saves a checkpoint and
-  exits 0) and records that the sweep must stop; a second signal kills the child."""
+  """Forwards SIGINT/SIGTERM to the running child (main then saves a checkpoint of its current
+  step and exits: 130 for SIGINT, 0 for SIGTERM) and records that the sweep must stop after it;
+  a second signal kills the child (its last complete checkpoint stays the one to resume from)."""
 
   def __init__(self):
     self.received = None
@@ -360,7 +361,7 @@ class _Signals:
       else:
         log(f"{signal.Signals(signum).name}: asking the run to save a checkpoint and stop "
             f"(again to kill it)")
-        self.child.send_signal(signal.SIGTERM)
+        self.child.send_signal(signum)
 
   def __exit__(self, *exc):
     for sig, previous in self._previous.items():
@@ -368,8 +369,8 @@ class _Signals:
 
   def run_child(self, command: list) -> int:
     """Runs `command` from the repository root as the child signals go to; its exit code."""
-    # Own process group: a terminal's Ctrl-C reaches only the sweep, which forwards SIGTERM so
-    # that the run saves a checkpoint instead of dying mid-step.
+    # Own process group: a terminal's Ctrl-C reaches only the sweep, which forwards it once, so
+    # that the run saves a checkpoint of its current step and the sweep stops after it.
     self.child = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
     try:
       return self.child.wait()

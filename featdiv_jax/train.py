@@ -26,7 +26,12 @@ from featdiv_jax.progress import Progress
 
 
 class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint of the current step was saved. Re-run to resume."""
+  """SIGTERM or SIGINT arrived; a checkpoint of the current step was saved. Re-run to resume.
+  `exit_code`: 0 for a preemption notice (the scheduler restarts the job), 130 for a Ctrl-C."""
+
+  def __init__(self, message: str, exit_code: int = 0):
+    super().__init__(message)
+    self.exit_code = exit_code
 
 
 class NonFiniteError(ValueError):
@@ -130,11 +135,14 @@ class TrainingRun:
                                         keep=config.keep_checkpoints, keep_best=config.keep_best)
     self.is_main = jax.process_index() == 0
     self.carry = None  # metrics.LoopCarry on the device, while the loop runs
+    self.step_now = 0  # the step the loop is at (dispatched; the device may be behind it)
 
   def train(self, preemption: guards.PreemptionWatch) -> dict:
     """Runs (or resumes) the loop to the last step; returns results.json."""
     state, progress = self.restore_or_init()
     self.num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
+    if self.is_main and self.checkpoints:
+      self.rebuild_damaged_results(progress)
     self.writer = metric_writers.create_default_writer(self.workdir,
                                                        just_logging=not self.is_main)
     if not progress.step:
@@ -145,6 +153,12 @@ class TrainingRun:
     self.console.start_run(self.config.variant, self.schedule.total_steps, progress.step)
     try:
       state = self.loop(state, progress, preemption)
+    except Exception as e:  # pylint: disable=broad-except  # an OOM is rewritten, others pass
+      asked = guards.out_of_memory(e)
+      if asked is None:
+        raise
+      logging.info("Out of memory", exc_info=True)  # XLA's own report, in the log
+      raise guards.OutOfMemoryError(self.out_of_memory_message(asked)) from None
     finally:  # let an in-flight async save finish, even on an exception or a signal
       self.console.end_run()
       self.ckpts.wait()
@@ -177,7 +191,9 @@ class TrainingRun:
     preemption.start(progress.step)
     if first > schedule.total_steps:
       logging.info("%s already finished at step %d", self.workdir, progress.step)
+    guards.fault_point("compile", progress.step)
     for step in range(first, schedule.total_steps + 1):
+      self.step_now = step
       state, self.carry = self.trainer.loop_step(state, next(batches), self.carry)
       guards.fault_point("step", step)
       self.report(step)
@@ -192,7 +208,7 @@ class TrainingRun:
       # Asked every step: with several processes JAX's preemption sync point must be reached
       # at each one.
       if preemption.should_stop(step):
-        self.stop_for_preemption(step, state, progress)
+        self.stop_for_preemption(step, state, progress, preemption.signal_name)
       elif self.checkpoints and (schedule.due(step, schedule.checkpoint_every) or new_best):
         self.save(step, state, progress, best=progress.best["eval_accuracy"] if new_best else None)
     return state
@@ -271,12 +287,14 @@ class TrainingRun:
       self.ckpts.save(step, state, progress.to_json(), best=best)
     progress.watch.start()
 
-  def stop_for_preemption(self, step: int, state, progress: Progress) -> None:
+  def stop_for_preemption(self, step: int, state, progress: Progress,
+                          signal_name: str = "SIGTERM") -> None:
     self.save(step, state, progress)
     self.ckpts.wait()
     self.save_results(progress)
-    raise Preempted(f"preempted (SIGTERM) at step {step} of {self.schedule.total_steps}: "
-                    f"checkpoint saved in {self.workdir}; re-run the same command to resume")
+    what, code = ("interrupted", 130) if signal_name == "SIGINT" else ("preempted (SIGTERM)", 0)
+    raise Preempted(f"{what} at step {step} of {self.schedule.total_steps}: checkpoint saved "
+                    f"in {self.workdir}; re-run the same command to resume", code)
 
   def catch_up(self, step: int, progress: Progress) -> None:
     """Brings `progress` up to `step` after checking every step since the last check."""
@@ -298,9 +316,43 @@ class TrainingRun:
   def results(self, progress: Progress) -> dict:
     return results_json(self.config, progress, self.schedule, self.num_params)
 
+  def out_of_memory_message(self, asked: str) -> str:
+    """One line for an out-of-memory error near `self.step_now`: what was asked for, the fields
+    that set the memory a step needs, and what to change."""
+    c = self.config
+    first = self.step_now <= 1 or not self.step_now
+    when = "compiling or running the first step" if first else f"at step {self.step_now}"
+    evals = f", eval_batch_size={c.eval_batch_size}" if c.eval_batch_size else ""
+    return (f"out of memory {when} on {jax.device_count()} {jax.default_backend()} device(s) "
+            f"({asked}): batch_size={c.batch_size}{evals}, model.dtype={c.model.dtype}, "
+            f"{c.model.num_heads} x {c.model.arch} at {c.dataset.image_size} px do not fit; "
+            f"lower batch_size (e.g. --config.batch_size={max(1, c.batch_size // 2)}), or use "
+            "--config.model.dtype=bfloat16, or more devices")
+
+  def rebuild_damaged_results(self, progress: Progress) -> None:
+    """An unreadable results.json (truncated, not JSON) is set aside as results.json.damaged and
+    written again from the checkpoint's own record (its history and timings), with a warning."""
+    aside = workdir_lib.set_aside_damaged_results(self.workdir)
+    if aside:
+      logging.warning("%s was damaged: kept as %s and rebuilt from %s", os.path.join(
+          self.workdir, workdir_lib.RESULTS_FILE), aside,
+          f"the checkpoint of step {progress.step}" if progress.step else "a fresh start")
+      self.save_results(progress)
+
   def save_results(self, progress: Progress) -> None:
-    if self.is_main:
+    """Replaces results.json (process 0); a full disk is one guards.DiskFullError naming it."""
+    if not self.is_main:
+      return
+    path = os.path.join(self.workdir, workdir_lib.RESULTS_FILE)
+    try:
+      guards.fault_point("results", progress.step, path)
       workdir_lib.write_results(self.workdir, self.results(progress))
+    except OSError as e:
+      if guards.disk_full(e) is None:
+        raise
+      raise guards.DiskFullError(
+          f"no space left on device writing {path} at step {progress.step} (the file is "
+          f"unchanged); {self.ckpts.after_disk_full()}") from e
 
   def check_finite(self, progress: Progress) -> None:
     """Raises NonFiniteError naming the first step whose loss is NaN/inf (nothing is saved

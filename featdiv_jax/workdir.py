@@ -8,7 +8,7 @@ import json
 import os
 
 from featdiv_jax import configlib
-from featdiv_jax.files import write_json_atomic
+from featdiv_jax.files import unused_path, write_json_atomic
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
@@ -28,8 +28,16 @@ def check(workdir: str, config) -> None:
   if not os.path.exists(path):
     return
   ours = _signature(config)
-  with open(path) as f:
-    saved = json.load(f).get("signature", {})
+  try:
+    with open(path) as f:
+      saved = json.load(f)["signature"]
+    if not isinstance(saved, dict):
+      raise TypeError(f"its signature is a {type(saved).__name__}")
+  except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    raise WorkdirError(
+        f"{path} is damaged ({type(e).__name__}: {str(e)[:120]}); it records which model this "
+        "workdir trains: restore it, or move it aside and re-run the same command with the "
+        "run's own config to write it again") from None
   # A field newer than the workdir's run had its default value there.
   defaults = _signature(configlib.default_config())["model"]
   saved_model = {**defaults, **saved.get("model", {})}
@@ -54,3 +62,21 @@ def record_config(workdir: str, config) -> None:
 
 def write_results(workdir: str, results: dict) -> None:
   write_json_atomic(os.path.join(workdir, RESULTS_FILE), results)
+
+
+def set_aside_damaged_results(workdir: str) -> str | None:
+  """Moves an unreadable WORKDIR/results.json to results.json.damaged (.2, .3, ... never over
+  another) and returns where; None when it reads (or is absent). The caller rebuilds it from
+  the checkpoint's own record."""
+  path = os.path.join(workdir, RESULTS_FILE)
+  try:
+    with open(path) as f:
+      if isinstance(json.load(f), dict):
+        return None
+  except FileNotFoundError:
+    return None
+  except (ValueError, UnicodeDecodeError):
+    pass
+  aside = unused_path(f"{path}.damaged")
+  os.replace(path, aside)
+  return aside

@@ -91,19 +91,21 @@ def tail(log: pathlib.Path, n: int = 4000) -> str:
   return log.read_text(errors="replace")[-n:] if log.exists() else "<no output>"
 
 
-def wait_all(procs: dict, timeout: float) -> dict:
+def wait_all(procs: dict, timeout: float, expected: dict | None = None) -> dict:
   """{name: returncode}; on a timeout every process still running is killed and the test fails
-  with each one's output tail (a dead peer leaves the other blocked in a collective)."""
+  with each one's output tail (a dead peer leaves the other blocked in a collective).
+  `expected`: {name: exit code} where one is not 0."""
+  expected = expected or {}
   deadline = time.time() + timeout
   while time.time() < deadline and any(p.poll() is None for p, _ in procs.values()):
-    if any(p.poll() not in (None, 0) for p, _ in procs.values()):
+    if any(p.poll() not in (None, expected.get(name, 0)) for name, (p, _) in procs.items()):
       break  # one failed: its peer would wait for it until the timeout
     time.sleep(0.2)
   hung = [name for name, (p, _) in procs.items() if p.poll() is None]
   for name in hung:
     procs[name][0].kill()
   codes = {name: p.wait(timeout=30) for name, (p, _) in procs.items()}
-  if hung or any(codes.values()):
+  if hung or any(code != expected.get(name, 0) for name, code in codes.items()):
     report = "\n".join(f"===== {name}: exit {codes[name]}{' (killed: hung)' if name in hung else ''}"
                        f"\n{tail(log)}" for name, (_, log) in procs.items())
     pytest.fail(f"runs did not all finish cleanly (limit {timeout:.0f} s):\n{report}")
@@ -265,15 +267,17 @@ def test_one_process_without_jax_distributed_watches_sigterm_with_a_python_handl
 
 
 PREEMPT_STEPS = 300  # never reached: the preemption stops the run within a few steps
-SIGTERM_AT = 3
+SIGNAL_AT = 3
 
 
-def test_sigterm_on_one_process_stops_both_at_the_same_step_and_a_rerun_resumes(data_dir,
-                                                                                  tmp_path):
-  """The preemption notice reaches JAX's own SIGTERM notifier (featdiv_jax installs no Python
-  handler once jax.distributed runs), spreads to the other process through the coordination
-  service, and both stop at the same sync step: each saves its part of that step's checkpoint
-  and exits 0 with main's 'preempted' line. Re-running resumes from that step.
+def test_ctrl_c_on_one_process_stops_both_at_the_same_step_and_a_rerun_resumes(data_dir,
+                                                                                tmp_path):
+  """A stop request on one process -- here a Ctrl-C (SIGINT), which featdiv_jax's handler passes
+  on as the SIGTERM a VM's preemption notice is -- reaches JAX's own SIGTERM notifier (no Python
+  SIGTERM handler once jax.distributed runs), spreads to the other process through the
+  coordination service, and both stop at the same sync step: each saves its part of that step's
+  checkpoint; process 1 says 'interrupted' and exits 130, process 0 (which had only the
+  notice) says 'preempted' and exits 0. Re-running resumes from that step.
 
   The notice needs about a second to spread (JAX's notifier polls its flag once a second), so
   the sync step is some steps after the signal; an eval every 2 steps (9 batches) keeps that to
@@ -299,19 +303,19 @@ def test_sigterm_on_one_process_stops_both_at_the_same_step_and_a_rerun_resumes(
           start(["-m", "featdiv_jax.main", *flags, f"--config.total_steps={total_steps}",
                  f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
                 env, log), log)
-    wait_all(procs, TIMEOUT_S)
+    wait_all(procs, TIMEOUT_S, expected={f"{name}: process 1 of 2": 130} if fault else None)
     return [(tmp_path / f"{name}{i}.log").read_text(errors="replace") for i in (0, 1)]
 
-  # SIGTERM to process 1 only, at step 3 (its own os.kill, as a VM's preemption notice would).
-  logs = run_both("preempted", PREEMPT_STEPS, fault=f"step:{SIGTERM_AT}:TERM")
+  # SIGINT to process 1 only, at step 3 (its own os.kill).
+  logs = run_both("stopped", PREEMPT_STEPS, fault=f"step:{SIGNAL_AT}:INT")
   stopped = []
-  for i, log in enumerate(logs):
-    found = re.findall(r"featdiv_jax: preempted \(SIGTERM\) at step (\d+) of "
-                       rf"{PREEMPT_STEPS}: checkpoint saved", log)
-    assert len(found) == 1, f"process {i}:\n{log[-4000:]}"
+  for i, (log, said) in enumerate(zip(logs, (r"preempted \(SIGTERM\)", "interrupted"))):
+    found = re.findall(rf"featdiv_jax: {said} at step (\d+) of {PREEMPT_STEPS}: checkpoint "
+                       "saved", log)
+    assert len(found) == 1 and "Traceback" not in log, f"process {i}:\n{log[-4000:]}"
     stopped.append(int(found[0]))
   step = stopped[0]
-  assert stopped == [step, step] and SIGTERM_AT < step < PREEMPT_STEPS, stopped
+  assert stopped == [step, step] and SIGNAL_AT < step < PREEMPT_STEPS, stopped
   saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert saved == [step], saved
   assert {p.name for p in (workdir / f"checkpoints/{step}/state").glob("ocdbt.process_*")} == \

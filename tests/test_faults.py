@@ -1,12 +1,16 @@
 """Faults: kill -9 (also mid-save and mid-eval), SIGTERM, damaged checkpoints, NaN losses and a
 second run on a busy workdir. Each run is compared with an uninterrupted run of the same seed."""
 
+import errno
 import json
 import logging
 import os
 import pathlib
 import random
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from featdiv_jax import data, guards, train
+from featdiv_jax import checkpoint, data, guards, main, runs, train
 from tests_util import ROOT, load_config
 
 STEPS = 8
@@ -52,8 +56,9 @@ def finished_steps(workdir):
   return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
 
 
-def launch(workdir, data_dir, fault=None):
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
+def launch(workdir, data_dir, fault=None, env=None):
+  """The CLI on the smoke config in a subprocess (default signal handling), output piped."""
+  env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
   env.pop("FEATDIV_FAULT", None)
   if fault:
     env["FEATDIV_FAULT"] = fault
@@ -119,6 +124,67 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(reference, data_dir, t
   assert_same_history(train.train_and_evaluate(smoke_config(data_dir), workdir), want)
 
 
+def test_ctrl_c_saves_the_current_step_says_one_line_and_exits_130(reference, data_dir,
+                                                                    tmp_path):
+  _, want = reference
+  workdir = str(tmp_path / "run")
+  proc = launch(workdir, data_dir, fault="step:5:INT")
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+  lines = [line for line in out.splitlines() if "interrupted" in line]
+  assert lines == [f"featdiv_jax: interrupted at step 5 of {STEPS}: checkpoint saved in "
+                   f"{workdir}; re-run the same command to resume"], out[-3000:]
+  results = json.loads(pathlib.Path(workdir, "results.json").read_text())
+  assert results["step"] == 5 and not results["finished"]
+  assert 5 in finished_steps(workdir)
+  proc = launch(workdir, data_dir)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0 and "resuming from step 5" in out, out[-3000:]
+  assert_same_history(json.loads(pathlib.Path(workdir, "results.json").read_text()), want)
+
+
+def test_ctrl_c_while_the_first_step_compiles_stops_after_it(data_dir, tmp_path):
+  """The Ctrl-C lands 0.3 s into the first step's compile (no compilation cache: it takes
+  seconds): no KeyboardInterrupt inside XLA, no crash; the run stops at step 1, saved."""
+  workdir = str(tmp_path / "run")
+  proc = launch(workdir, data_dir, fault="compile:0:INT:0.3",
+                env={"JAX_ENABLE_COMPILATION_CACHE": "false"})
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 130, out[-3000:]
+  assert "Traceback" not in out and "Fatal Python error" not in out, out[-3000:]
+  assert f"featdiv_jax: interrupted at step 1 of {STEPS}: checkpoint saved" in out, out[-3000:]
+  assert finished_steps(workdir) == [1]
+
+
+def test_ctrl_c_before_training_starts_is_one_line(data_dir, tmp_path):
+  proc = launch(str(tmp_path / "run"), data_dir)
+  time.sleep(1.0)  # importing jax and TensorFlow (fd 2 held by featdiv_jax.data): before training
+  proc.send_signal(signal.SIGINT)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+  assert out.splitlines()[-1:] == [main.INTERRUPTED_OUTSIDE_TRAINING], repr(out[-3000:])
+  assert not finished_steps(tmp_path / "run")
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_complete_checkpoint(
+    reference, data_dir, tmp_path):
+  """The first Ctrl-C at step 5 asks for a stop; the second arrives while step 5 is being saved:
+  the process ends at once, the half-written step 5 is no checkpoint, the re-run resumes from
+  step 4 and ends as an uninterrupted run."""
+  _, want = reference
+  workdir = str(tmp_path / "run")
+  proc = launch(workdir, data_dir, fault="step:5:INT,save:5:INT")
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 130, out[-3000:]
+  assert "Traceback" not in out, out[-3000:]
+  assert "featdiv_jax: interrupted again: stopped at once" in out, out[-3000:]
+  assert max(finished_steps(workdir)) == 4
+  proc = launch(workdir, data_dir)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0 and "resuming from step 4" in out, out[-3000:]
+  assert_same_history(json.loads(pathlib.Path(workdir, "results.json").read_text()), want)
+
+
 def test_a_damaged_latest_checkpoint_falls_back_with_a_warning(reference, tmp_path, caplog,
                                                                data_dir):
   ref_dir, want = reference
@@ -169,8 +235,169 @@ def test_a_second_run_on_a_busy_workdir_is_refused(data_dir, tmp_path):
   os.makedirs(tmp_path, exist_ok=True)
   with guards.WorkdirLock(str(tmp_path)):
     before = sorted(os.listdir(tmp_path))
-    with pytest.raises(guards.WorkdirBusyError, match=f"in use by another run \\(pid {os.getpid()}"):
+    with pytest.raises(guards.WorkdirBusyError, match=f"in use by another run \\(pid {os.getpid()} "
+                       f"on {socket.gethostname()}\\)"):
       train.train_and_evaluate(smoke_config(data_dir), str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == before
   with guards.WorkdirLock(str(tmp_path)):  # released when its holder ends
     pass
+
+
+@pytest.mark.parametrize("fault, what", [
+    ("save:4:ENOSPC", "in {workdir}/checkpoints: the checkpoint of step 4 could not be saved "
+                      "(its unfinished files are never resumed from)"),
+    ("results:4:ENOSPC", "writing {workdir}/results.json at step 4 (the file is unchanged)")])
+def test_a_full_disk_is_one_line_keeps_the_last_complete_checkpoint_and_resumes(
+    reference, data_dir, tmp_path, fault, what):
+  """The disk fills at step 4: inside orbax's writer threads (every checkpoint file it writes
+  from then on fails with ENOSPC) or at results.json. One line naming what could not be saved
+  and the last complete checkpoint, exit 1, no traceback; step 4's unfinished files are never
+  resumed from; the re-run (space freed) resumes from step 2 and ends as an uninterrupted run."""
+  _, want = reference
+  workdir = str(tmp_path / "run")
+  proc = launch(workdir, data_dir, fault=fault)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+  errors = [line for line in out.splitlines() if "featdiv_jax: error:" in line]
+  assert errors == [
+      "featdiv_jax: error: no space left on device " + what.format(workdir=workdir)
+      + f"; the last complete checkpoint is step 2 in {workdir}/checkpoints; free space and "
+      "re-run the same command to resume from it"], out[-3000:]
+  assert finished_steps(workdir) == [2], out[-3000:]
+  assert not list(pathlib.Path(workdir).glob("results.json.tmp*"))
+  proc = launch(workdir, data_dir)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0 and "resuming from step 2" in out, out[-3000:]
+  assert_same_history(json.loads(pathlib.Path(workdir, "results.json").read_text()), want)
+
+
+def test_a_save_warns_once_when_free_space_is_short_of_two_checkpoints(tmp_path, caplog,
+                                                                       monkeypatch):
+  state = {"w": np.zeros((1024, 256), np.float32)}  # 1 MiB
+  ckpts = checkpoint.Checkpoints(str(tmp_path / "checkpoints"), async_save=False)
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                      lambda path: usage._replace(free=3 * 2**20))  # room for one more
+  with caplog.at_level(logging.WARNING):
+    ckpts.save(1, state, {"step": 1})
+    assert not [r for r in caplog.records if "free in" in r.getMessage()]
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                        lambda path: usage._replace(free=int(1.5 * 2**20)))
+    ckpts.save(2, state, {"step": 2})
+    ckpts.save(3, state, {"step": 3})
+  warned = [r.getMessage() for r in caplog.records if "free in" in r.getMessage()]
+  assert warned == [f"Only 2 MB free in {tmp_path}/checkpoints and a checkpoint takes about "
+                    "1 MB: free space before the disk fills up and a save fails."], warned
+  ckpts.close()
+
+
+def test_disk_full_is_found_anywhere_in_an_errors_chain():
+  full = OSError(errno.ENOSPC, "No space left on device", "/w/checkpoints/4")
+  try:
+    try:
+      raise full
+    except OSError as e:
+      raise RuntimeError("save failed") from e
+  except RuntimeError as e:
+    chained = e
+  assert guards.disk_full(chained) is full
+  assert guards.disk_full(ExceptionGroup("writers", [ValueError("x"), chained])) is full
+  assert guards.disk_full(ValueError("tensorstore: No space left on device")) is not None
+  assert guards.disk_full(OSError(errno.EACCES, "Permission denied")) is None
+  assert guards.disk_full(ValueError("bad")) is None
+  assert guards.disk_full_message(chained, "/w") == (
+      "no space left on device writing /w/checkpoints/4; free space there and re-run the same "
+      "command: it resumes from the last complete checkpoint in /w/checkpoints")
+  said = guards.DiskFullError("no space left on device in /w/checkpoints: ...")
+  try:
+    try:
+      raise said
+    finally:
+      raise OSError(errno.ENOSPC, "No space left on device")  # again, while closing
+  except OSError as e:
+    assert guards.disk_full_message(e, "/w") == str(said)
+
+
+def test_a_damaged_config_json_is_one_line_that_names_it_and_writes_nothing(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text('{"signature": {"model": {"arch": "ser')  # truncated
+  proc = launch(str(workdir), data_dir)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+  errors = [line for line in out.splitlines() if "error:" in line]
+  assert len(errors) == 1 and errors[0].startswith(
+      f"featdiv_jax: error: {workdir}/config.json is damaged (JSONDecodeError: "), out[-3000:]
+  assert "move it aside and re-run the same command" in errors[0]
+  assert sorted(os.listdir(workdir)) == ["config.json"]
+
+
+def test_a_lock_that_cannot_be_used_is_one_line_that_names_it(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  (workdir / ".lock").mkdir(parents=True)  # not a file: nothing can lock it
+  proc = launch(str(workdir), data_dir)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+  assert (f"featdiv_jax: error: {workdir}/.lock cannot be used as this workdir's lock (Is a "
+          "directory); if no run is using the workdir, remove it and re-run the same command"
+          in out.splitlines()), out[-3000:]
+
+
+def test_a_damaged_results_json_is_rebuilt_from_the_checkpoint_and_kept_aside(
+    reference, data_dir, tmp_path):
+  _, want = reference
+  workdir = tmp_path / "run"
+  proc = launch(str(workdir), data_dir, fault="step:4:TERM")
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0 and "preempted (SIGTERM) at step 4" in out, out[-3000:]
+  results = workdir / "results.json"
+  damaged = results.read_text()[:100]
+  results.write_text(damaged)  # truncated, as by a disk that filled up under another tool
+  with pytest.raises(runs.RunError, match="results.json is damaged .* name a step"):
+    runs.best_step(str(workdir))
+  proc = launch(str(workdir), data_dir)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
+  assert (f"{results} was damaged: kept as {results}.damaged and rebuilt from the checkpoint "
+          "of step 4") in out, out[-3000:]
+  assert (workdir / "results.json.damaged").read_text() == damaged
+  assert_same_history(json.loads(results.read_text()), want)
+
+
+def test_out_of_memory_at_the_first_step_is_one_line_naming_the_batch_and_dtype(
+    data_dir, tmp_path):
+  """A batch that does not fit (the device allocator's RESOURCE_EXHAUSTED, injected at the
+  first step): one line with what was asked for and the fields to change, exit 1."""
+  proc = launch(str(tmp_path / "run"), data_dir, fault="step:1:OOM")
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+  errors = [line for line in out.splitlines() if "error:" in line]
+  assert len(errors) == 1, out[-3000:]
+  assert re.fullmatch(
+      r"featdiv_jax: error: out of memory compiling or running the first step on \d+ cpu "
+      r"device\(s\) \(device memory: 24\.0 GiB asked for\): batch_size=\d+, model\.dtype=\w+, "
+      r"2 x seresnet_tiny\w* at \d+ px do not fit; lower batch_size \(e\.g\. "
+      r"--config\.batch_size=\d+\), or use --config\.model\.dtype=bfloat16, or more devices",
+      errors[0]), errors[0]
+
+
+@pytest.mark.parametrize("error, said", [
+    (RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 "
+                  "bytes."), "device memory: 16.0 GiB asked for"),
+    (RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in "
+                  "memory space hbm. Used 20.50G of 15.48G hbm. Exceeded hbm capacity by 5.02G."),
+     "device memory: 20.50G needed of 15.48G hbm"),
+    (RuntimeError("Allocator (GPU_0_bfc) ran out of memory trying to allocate 1.50GiB"),
+     "device memory: 1.50GiB asked for"),
+    (MemoryError("Unable to allocate 3.20 GiB for an array"), "host memory: 3.20 GiB asked for"),
+    (RuntimeError("RESOURCE_EXHAUSTED: ran out of something"),
+     "device memory: the amount is not reported"),
+    (RuntimeError("INVALID_ARGUMENT: shapes differ"), None)])
+def test_out_of_memory_reads_what_each_allocator_says_was_asked_for(error, said):
+  try:
+    try:
+      raise error
+    except Exception as e:
+      raise ValueError("while running the step") from e
+  except ValueError as e:
+    assert guards.out_of_memory(e) == said

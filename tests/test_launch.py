@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -692,3 +693,46 @@ def test_sweep_plan_penalty_points_are_done_only_by_results_of_their_penalty(tmp
   assert done == [[True, False], [False, False], [False, True], [False, True]]
   assert [(m.variant, m.workdir) for m in report.missing_runs(found, plan)] == [
       ("multi_cos", str(sweep_dir / "digits/seresnet18/multi_cos-cos-w0.1/seed0"))]
+
+
+def test_a_sweeps_ctrl_c_stops_the_running_run_at_a_saved_step_and_the_sweep_after_it(tmp_path):
+  """SIGINT to the sweep (a terminal's Ctrl-C reaches only it: each run has its own session)
+  goes on to the running run, which saves its current step and exits 130; the sweep starts no
+  further run and exits 130; run again, it resumes the interrupted run and does the rest."""
+  sweep_dir, data_dir = tmp_path / "sw", tmp_path / "tfds"
+  steps = 100  # long enough to be interrupted mid-run; the tiny model's steps take milliseconds
+  args = ["run", "--sweep-dir", sweep_dir, "--datasets", "digits", "--variants", "multi_cos",
+          "--archs", "seresnet_tiny", "--seeds", "0,1", "--extra", "smoke",
+          f"--main-flag=--config.dataset.data_dir={data_dir}",
+          f"--main-flag=--config.total_steps={steps}",
+          "--main-flag=--config.checkpoint_every_steps=2",
+          f"--main-flag=--config.eval_every_steps={steps}"]
+  first, second = (sweep_dir / "digits" / "seresnet_tiny" / "multi_cos" / f"seed{i}"
+                   for i in (0, 1))
+  proc = subprocess.Popen([sys.executable, "-m", "featdiv_jax.sweep", *map(str, args)],
+                          cwd=ROOT, env=child_env(XLA_FLAGS=""), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.monotonic() + 240
+  while not any(p.name.isdigit() for p in (first / "checkpoints").glob("*")):
+    assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  out = proc.communicate(timeout=240)[0]
+  assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+  assert "SIGINT: asking the run to save a checkpoint and stop" in out, out[-3000:]
+  assert "featdiv_jax: interrupted at step " in out, out[-3000:]
+  assert "[1/2] stopped digits/seresnet_tiny/multi_cos/seed0" in out, out[-3000:]
+  assert "0 ran to the end, 0 skipped (finished before), 0 failed, 2 not run" in out
+  assert "interrupted by SIGINT" in out and not second.exists(), out[-3000:]
+  stopped = json.loads((first / "results.json").read_text())
+  assert not stopped["finished"] and 0 < stopped["step"] < steps
+  assert stopped["step"] in [int(p.name) for p in (first / "checkpoints").glob("*")
+                             if p.name.isdigit()]
+
+  r = sweep_cli(*args, env=child_env(XLA_FLAGS=""))
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  assert "[1/2] resume digits/seresnet_tiny/multi_cos/seed0" in r.stdout
+  assert f"resuming from step {stopped['step']}" in r.stdout + r.stderr
+  assert "2 ran to the end" in r.stdout
+  for workdir in (first, second):
+    assert json.loads((workdir / "results.json").read_text())["finished"] is True
