@@ -219,36 +219,34 @@ class DiskFullError(Exception):
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
-def disk_full(exc: BaseException) -> Optional[BaseException]:
-  """The out-of-space error in `exc`'s chain (causes, contexts, exception groups) -- an OSError
-  with ENOSPC/EDQUOT, or an error whose text says so (TensorFlow's and tensorstore's) -- else
-  None."""
+def _chain(exc: BaseException):
+  """`exc` and every error behind it (causes, contexts, exception groups' members), each once."""
   stack, seen = [exc], set()
   while stack:
     e = stack.pop()
     if e is None or id(e) in seen:
       continue
     seen.add(id(e))
-    if isinstance(e, DiskFullError) or (isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS):
-      return e
-    if any(text in str(e) for text in ("No space left on device", "Disk quota exceeded")):
-      return e
+    yield e
     stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
-  return None
+
+
+def disk_full(exc: BaseException) -> Optional[BaseException]:
+  """The out-of-space error in `exc`'s chain -- an OSError with ENOSPC/EDQUOT, or an error whose
+  text says so (TensorFlow's and tensorstore's) -- else None."""
+  return next((e for e in _chain(exc)
+               if isinstance(e, DiskFullError)
+               or (isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS)
+               or any(text in str(e) for text in ("No space left on device",
+                                                  "Disk quota exceeded"))), None)
 
 
 def disk_full_message(exc: BaseException, workdir: str) -> Optional[str]:
   """One line for a full disk anywhere in `exc`'s chain (the DiskFullError the loop raised if
-  there is one), else None."""
-  stack, seen, found = [exc], set(), None
-  while stack:  # a DiskFullError says the most; it may sit under a later error's context
-    e = stack.pop()
-    if e is None or id(e) in seen:
-      continue
-    seen.add(id(e))
-    if isinstance(e, DiskFullError):
-      return str(e)
-    stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+  there is one: it says the most, and may sit under a later error's context), else None."""
+  said = next((e for e in _chain(exc) if isinstance(e, DiskFullError)), None)
+  if said is not None:
+    return str(said)
   found = disk_full(exc)
   if found is None:
     return None
@@ -273,12 +271,7 @@ def out_of_memory(exc: BaseException) -> Optional[str]:
   """For an out-of-memory error anywhere in `exc`'s chain (XLA's RESOURCE_EXHAUSTED on a device,
   a MemoryError on the host): what it says was asked for ("24.0 GiB asked for", or "the amount
   is not reported"); None for any other error."""
-  stack, seen = [exc], set()
-  while stack:
-    e = stack.pop()
-    if e is None or id(e) in seen:
-      continue
-    seen.add(id(e))
+  for e in _chain(exc):
     text = str(e)
     if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or re.search(
         r"out of memory", text, re.IGNORECASE):
@@ -288,7 +281,6 @@ def out_of_memory(exc: BaseException) -> Optional[str]:
         if found:
           return f"{where}: {say(found)}"
       return f"{where}: the amount is not reported"
-    stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
   return None
 
 
