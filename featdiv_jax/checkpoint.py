@@ -6,6 +6,8 @@ its eval history from exactly the checkpoint it restarts from.
 
 import contextlib
 import dataclasses
+import gc
+import inspect
 import os
 import shutil
 import sys
@@ -45,7 +47,7 @@ class Checkpoints:
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(**options),
         item_names=("state", "meta"))
-    _log_orphaned_writes()
+    _log_orphaned_io()
     self.in_flight = None  # the step of the asynchronous save under way
     self.failed = None  # the step a full disk stopped (later errors of it were reported already)
     self._space_warned = False
@@ -142,6 +144,10 @@ class Checkpoints:
         if jax.process_index() == 0:
           os.replace(os.path.join(self.directory, str(step)), files.unused_path(damaged))
         self.manager.reload()
+      # The failed restore leaves orbax's other array reads of the step as coroutines in the
+      # error's reference cycles; collected here, on this thread, they end now (their errors
+      # go to the log, `_log_orphaned_io`), not whenever and wherever a later collection runs.
+      gc.collect()
     return None
 
   def restore_as_saved(self, step: int) -> tuple[Any, dict]:
@@ -175,11 +181,12 @@ class Checkpoints:
       self.manager.close()
 
 
-def _log_orphaned_writes() -> None:
-  """Once per process: the 'Event loop is closed' errors of array writes that finish after
-  their save already failed (a full disk: orbax's event loop of that save is gone, tensorstore's
-  callbacks still arrive) go to the log, not as dozens of tracebacks on stderr. Any other
-  unraisable error reaches the previous hook as before."""
+def _log_orphaned_io() -> None:
+  """Once per process: the errors of orbax's array reads and writes that end after their
+  restore or save already failed go to the log, not as dozens of tracebacks on stderr -- the
+  'Event loop is closed' of writes that finish after a full disk stopped their save (tensorstore's
+  callbacks still arrive), and the reads of a damaged step that the failed restore abandoned
+  (coroutines of orbax, collected later). Any other unraisable error reaches the previous hook."""
   previous = sys.unraisablehook
   if getattr(previous, "featdiv_jax", False):
     return
@@ -190,9 +197,21 @@ def _log_orphaned_writes() -> None:
       logging.info("A checkpoint write finished after its save had failed: %s",
                    unraisable.exc_value)
       return
+    if _is_orbax_coroutine(unraisable.object):
+      logging.info("An array read of a checkpoint ended after its restore had failed: %s: %s",
+                   type(unraisable.exc_value).__name__,
+                   str(unraisable.exc_value).splitlines()[0][:300])
+      return
     previous(unraisable)
   hook.featdiv_jax = True
   sys.unraisablehook = hook
+
+
+def _is_orbax_coroutine(obj) -> bool:
+  """A coroutine object of orbax's code (what an abandoned array read or write is)."""
+  code = getattr(obj, "cr_code", None)
+  return (inspect.iscoroutine(obj) and code is not None
+          and f"{os.sep}orbax{os.sep}" in code.co_filename)
 
 
 def _as_saved(state: Any) -> Any:
