@@ -209,9 +209,7 @@ def _log_orphaned_io() -> None:
 
 def _is_orbax_coroutine(obj) -> bool:
   """A coroutine object of orbax's code (what an abandoned array read or write is)."""
-  code = getattr(obj, "cr_code", None)
-  return (inspect.iscoroutine(obj) and code is not None
-          and f"{os.sep}orbax{os.sep}" in code.co_filename)
+  return inspect.iscoroutine(obj) and f"{os.sep}orbax{os.sep}" in obj.cr_code.co_filename
 
 
 def _as_saved(state: Any) -> Any:

@@ -188,9 +188,9 @@ def test_two_processes_agree_with_one_process(data_dir, tmp_path):
       {"ocdbt.process_0", "ocdbt.process_1"}
   got_state, want_state = restore_params(dist_dir, 6), restore_params(ref_dir, 6)
   import jax
-  paths = lambda t: [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(t)]
+  paths = lambda t: [jax.tree_util.keystr(p) for p, _ in jax.tree.leaves_with_path(t)]
   assert paths(got_state) == paths(want_state)
-  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_state),
+  for (path, g), w in zip(jax.tree.leaves_with_path(got_state),
                           jax.tree.leaves(want_state)):
     np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=jax.tree_util.keystr(path))
 

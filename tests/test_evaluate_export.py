@@ -110,8 +110,8 @@ def test_evaluate_another_split_at_the_best_step(multi_run, capsys):
 
 
 def assert_bitwise_equal(got, want):
-  got_leaves = jax.tree_util.tree_leaves_with_path(got)
-  want_leaves = jax.tree_util.tree_leaves_with_path(want)
+  got_leaves = jax.tree.leaves_with_path(got)
+  want_leaves = jax.tree.leaves_with_path(want)
   assert [p for p, _ in got_leaves] == [p for p, _ in want_leaves]
   for (path, g), (_, w) in zip(got_leaves, want_leaves):
     g, w = np.asarray(g), np.asarray(w)

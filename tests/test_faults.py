@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -218,13 +219,14 @@ def test_orbax_reads_and_writes_that_end_after_their_failure_go_to_the_log(monke
        namespace)
   exec(compile("async def mine(): pass", f"{os.sep}site{os.sep}other.py", "exec"), namespace)
   orbax_read, other = namespace["read"](), namespace["mine"]()
-  unraisable = lambda exc, obj: type("U", (), dict(exc_value=exc, object=obj))()
+  unraisable = lambda exc, obj: types.SimpleNamespace(exc_value=exc, object=obj)
   with caplog.at_level(logging.INFO):
     sys.unraisablehook(unraisable(Exception("Encountered error while reading array index"),
                                   orbax_read))
     sys.unraisablehook(unraisable(RuntimeError("Event loop is closed"), None))
     sys.unraisablehook(unraisable(ValueError("someone else's"), other))
-  orbax_read.close(), other.close()
+  orbax_read.close()
+  other.close()
   assert "ended after its restore had failed: Exception: Encountered error" in caplog.text
   assert "finished after its save had failed" in caplog.text
   assert [u.exc_value.args[0] for u in forwarded] == ["someone else's"]

@@ -67,7 +67,7 @@ def test_optimizer_moments_follow_the_head_sharding():
   shardings = steps.make_trainer(config, 10, sharding.make_mesh((2, 4)),
                                 total_steps=10).state_shardings
   specs = {jax.tree_util.keystr(p): s.spec
-           for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+           for p, s in jax.tree.leaves_with_path(shardings)}
   heads = [k for k in specs if "'heads'" in k]
   others = [k for k in specs if "'heads'" not in k]
   assert heads and all(specs[k] == jax.sharding.PartitionSpec("heads") for k in heads)

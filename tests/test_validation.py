@@ -253,7 +253,7 @@ def write_timm_file(path, arch, num_classes, stem="imagenet"):
   model = models.create_model(arch, num_classes, stem=stem)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   state = {}
-  for keys, leaf in jax.tree_util.tree_leaves_with_path(
+  for keys, leaf in jax.tree.leaves_with_path(
       {c: shapes[c] for c in ("params", "batch_stats")}):
     name = timm_import.torch_key(tuple(k.key for k in keys[1:]))  # keys[0] is the collection
     shape = timm_import._to_torch_shape(leaf.shape, name)  # pylint: disable=protected-access

@@ -43,7 +43,7 @@ def save_random_run(workdir, config, steps_saved, seed=0):
   workdir_lib.record_config(workdir, config)
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"))
   for step in steps_saved:
-    state = jax.tree_util.tree_map_with_path(fill, trainer.abstract_state)
+    state = jax.tree.map_with_path(fill, trainer.abstract_state)
     state = state.replace(step=np.asarray(step, np.int32))
     ckpts.save(step, state, progress.Progress().to_json())
   ckpts.wait()

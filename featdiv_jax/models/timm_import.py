@@ -136,7 +136,7 @@ def to_timm_state_dict(variables: Mapping, num_batches_tracked: int = 0) -> dict
   """
   state = {}
   tree = {c: variables[c] for c in ("params", "batch_stats") if c in variables}
-  for path, value in jax.tree_util.tree_leaves_with_path(tree):
+  for path, value in jax.tree.leaves_with_path(tree):
     key = torch_key(tuple(p.key for p in path[1:]))  # path[0] is the collection
     state[key] = _to_torch(np.asarray(value), key)
     if key.endswith(".running_mean"):
